@@ -1,0 +1,22 @@
+"""Rényi-DP accounting for the privacy ledger: pure functions, no I/O.
+
+- `accountant.rdp`: RDP curves of the mechanisms we charge, and the ε conversion.
+- `accountant.Filter`: the cap filter (valid under fully adaptive composition).
+- `accountant.calibrate`: noise for a target ε (DP-SGD σ, analytic Gaussian, Laplace).
+- `accountant.mechanisms`: the mechanisms as immutable values the ledger stores.
+- `accountant.exact`: exact integer arithmetic on curves, for the ledger's cached sums.
+"""
+
+from accountant import calibrate, exact, mechanisms, rdp
+from accountant.filter import Filter
+from accountant.orders import CALIBRATION_ORDERS, DEFAULT_ORDERS
+
+__all__ = [
+    "CALIBRATION_ORDERS",
+    "DEFAULT_ORDERS",
+    "Filter",
+    "calibrate",
+    "exact",
+    "mechanisms",
+    "rdp",
+]

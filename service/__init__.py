@@ -1,0 +1,1 @@
+"""The privacy-ledger service: HTTP (FastAPI) → domain → storage (SQLAlchemy)."""

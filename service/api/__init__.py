@@ -1,0 +1,1 @@
+"""HTTP layer: routers, schemas, auth dependencies, problem+json errors."""

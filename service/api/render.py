@@ -1,0 +1,137 @@
+"""Domain results → response bodies (plain JSON-ready dicts)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from service.domain.datasets import DatasetView
+from service.domain.ledger import iso
+from service.domain.releases import ReleaseResult
+from service.domain.runs import EpochResult, RunResult
+from service.storage.models import ApiKey, LedgerEntry, Run
+
+Body = dict[str, Any]
+
+
+def _time(moment: datetime | None) -> str | None:
+    return iso(moment) if moment is not None else None
+
+
+def dataset(view: DatasetView) -> Body:
+    """A dataset."""
+    return {
+        "id": view.id,
+        "description": view.description,
+        "epsilon_cap": view.epsilon_cap,
+        "delta": view.delta,
+        "epsilon_spent": view.epsilon_spent,
+        "epsilon_reserved": view.epsilon_reserved,
+        "epsilon_remaining": view.epsilon_remaining,
+        "frozen": view.frozen,
+        "ledger_seq": view.ledger_seq,
+        "active_runs": view.active_runs,
+        "created_at": iso(view.created_at),
+        "updated_at": iso(view.updated_at),
+    }
+
+
+def run(row: Run) -> Body:
+    """A run."""
+    return {
+        "id": row.id,
+        "dataset_id": row.dataset_id,
+        "name": row.name,
+        "status": row.status,
+        "sampling": row.sampling,
+        "sample_rate": row.sample_rate,
+        "steps_per_epoch": row.steps_per_epoch,
+        "epochs": row.epochs,
+        "epochs_charged": row.epochs_charged,
+        "noise_multiplier": row.noise_multiplier,
+        "max_grad_norm": row.max_grad_norm,
+        "target_epsilon": row.target_epsilon,
+        "epsilon": row.epsilon,
+        "epsilon_per_epoch": row.epsilon_per_epoch,
+        "lease_seconds": row.lease_seconds,
+        "expires_at": iso(row.expires_at),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def run_result(result: RunResult) -> Body:
+    """A run with its dataset after the operation."""
+    return {**run(result.run), "dataset": dataset(result.dataset)}
+
+
+def epoch(result: EpochResult) -> Body:
+    """A charged epoch."""
+    return {
+        "run_id": result.run.id,
+        "epoch": result.epoch,
+        "noise_multiplier": result.run.noise_multiplier,
+        "sample_rate": result.run.sample_rate,
+        "steps": result.run.steps_per_epoch,
+        "max_grad_norm": result.run.max_grad_norm,
+        "sampling": result.run.sampling,
+        "beyond_plan": result.beyond_plan,
+        "ledger_seq": result.ledger_seq,
+        "expires_at": iso(result.run.expires_at),
+        "dataset": dataset(result.dataset),
+    }
+
+
+def release(result: ReleaseResult) -> Body:
+    """A release."""
+    row = result.release
+    return {
+        "id": row.id,
+        "dataset_id": row.dataset_id,
+        "mechanism": row.mechanism,
+        "sensitivity": row.sensitivity,
+        "noise_scale": row.noise_scale,
+        "epsilon": row.epsilon,
+        "delta": row.delta,
+        "name": row.name,
+        "ledger_seq": row.ledger_seq,
+        "noised_values": result.noised_values,
+        "created_at": iso(row.created_at),
+        "dataset": dataset(result.dataset),
+    }
+
+
+def entry(row: LedgerEntry) -> Body:
+    """A ledger entry, with every field its hash covers."""
+    return {
+        "seq": row.seq,
+        "dataset_id": row.dataset_id,
+        "kind": row.kind,
+        "run_id": row.run_id,
+        "release_id": row.release_id,
+        "voids_seq": row.voids_seq,
+        "mechanism": json.loads(row.mechanism) if row.mechanism else None,
+        "units": json.loads(row.units) if row.units else None,
+        "actor": row.actor,
+        "idempotency_key": row.idempotency_key,
+        "epsilon": row.epsilon,
+        "epsilon_spent_after": row.epsilon_spent_after,
+        "epsilon_reserved_after": row.epsilon_reserved_after,
+        "details": json.loads(row.details),
+        "created_at": row.created_at,
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
+    }
+
+
+def key(row: ApiKey) -> Body:
+    """An API key's metadata (never its secret)."""
+    return {
+        "id": row.id,
+        "role": row.role,
+        "datasets": json.loads(row.datasets) if row.datasets is not None else None,
+        "name": row.name,
+        "created_at": iso(row.created_at),
+        "revoked_at": _time(row.revoked_at),
+    }

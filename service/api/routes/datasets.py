@@ -1,0 +1,74 @@
+"""Datasets: create, list, read, change caps/freeze/description (admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api import render
+from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.responses import respond
+from service.api.schemas import DatasetCreate, DatasetPage, DatasetPublic, DatasetUpdate, problems
+from service.domain import datasets
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+ERRORS = problems(401, 403, 404)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetPublic,
+    operation_id="create_dataset",
+    responses=problems(401, 403, 404, 409),
+)
+def create_dataset(
+    body: DatasetCreate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Create a dataset with a cap (ε, δ); δ is fixed from then on."""
+    spec = datasets.DatasetSpec(body.id, body.epsilon_cap, body.delta, body.description)
+    scope = idempotency(request, principal, idempotency_key, body)
+    return respond(datasets.create(db, principal, spec, render.dataset, scope))
+
+
+@router.get("", response_model=DatasetPage, operation_id="list_datasets", responses=ERRORS)
+def list_datasets(
+    db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
+) -> DatasetPage:
+    """Datasets this key may see, in id order (cursor: `after` = last id)."""
+    views, more = datasets.listing(db, principal, after=after, limit=limit)
+    return DatasetPage.model_validate(
+        {"data": [render.dataset(v) for v in views], "has_more": more}
+    )
+
+
+@router.get(
+    "/{dataset_id}", response_model=DatasetPublic, operation_id="get_dataset", responses=ERRORS
+)
+def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> DatasetPublic:
+    """A dataset's cap and composed ε (spent, reserved, remaining)."""
+    return DatasetPublic.model_validate(render.dataset(datasets.get(db, principal, dataset_id)))
+
+
+@router.patch(
+    "/{dataset_id}",
+    response_model=DatasetPublic,
+    operation_id="update_dataset",
+    responses=problems(401, 403, 404, 422),
+)
+def update_dataset(
+    dataset_id: str,
+    body: DatasetUpdate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Raise/lower the cap, freeze/unfreeze, or change the description; each is a ledger entry."""
+    patch = datasets.DatasetPatch(body.epsilon_cap, body.frozen, body.description, body.reason)
+    scope = idempotency(request, principal, idempotency_key, body)
+    return respond(datasets.update(db, principal, dataset_id, patch, render.dataset, scope))

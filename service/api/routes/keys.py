@@ -1,0 +1,54 @@
+"""API keys (admin): issue (secret shown once), list, revoke."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api import render
+from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.responses import respond
+from service.api.schemas import KeyCreate, KeyCreated, KeyPage, KeyPublic, problems
+from service.domain import keys
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+ERRORS = problems(401, 403, 404)
+
+
+@router.post(
+    "", status_code=201, response_model=KeyCreated, operation_id="create_key", responses=ERRORS
+)
+def create_key(
+    body: KeyCreate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Issue a key; the bearer secret is in this response only."""
+    scope = idempotency(request, principal, idempotency_key, body)
+    outcome = keys.create(
+        db,
+        principal,
+        role=body.role,
+        datasets=body.datasets,
+        name=body.name,
+        render=render.key,
+        idempotency=scope,
+    )
+    return respond(outcome)
+
+
+@router.get("", response_model=KeyPage, operation_id="list_keys", responses=ERRORS)
+def list_keys(
+    db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
+) -> KeyPage:
+    """Keys in id order (never their secrets)."""
+    data, more = keys.list_keys(db, principal, after=after, limit=limit, render=render.key)
+    return KeyPage.model_validate({"data": data, "has_more": more})
+
+
+@router.delete("/{key_id}", response_model=KeyPublic, operation_id="revoke_key", responses=ERRORS)
+def revoke_key(key_id: str, db: DatabaseDep, principal: CurrentKey) -> KeyPublic:
+    """Revoke a key: it is refused from the next request on."""
+    return KeyPublic.model_validate(keys.revoke_key(db, principal, key_id, render.key))

@@ -1,0 +1,136 @@
+"""The ledger: paged JSON, streamed CSV/JSON export, verification, voids (admin)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.api import render
+from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.responses import respond
+from service.api.schemas import (
+    MAX_SEQ,
+    EntryPage,
+    EntryPublic,
+    VerifyPublic,
+    VoidCreate,
+    problems,
+)
+from service.domain import datasets
+from service.storage.models import ENTRY_KINDS, LedgerEntry
+
+router = APIRouter(prefix="/v1/datasets/{dataset_id}/ledger", tags=["ledger"])
+ERRORS = problems(401, 403, 404)
+Kind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]
+
+CSV_COLUMNS = (
+    "seq",
+    "created_at",
+    "kind",
+    "actor",
+    "run_id",
+    "release_id",
+    "voids_seq",
+    "mechanism",
+    "epsilon",
+    "epsilon_spent_after",
+    "epsilon_reserved_after",
+    "details",
+    "idempotency_key",
+    "prev_hash",
+    "hash",
+)
+
+
+def _csv(entries: Iterator[LedgerEntry]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for count, row in enumerate(entries, start=1):
+        body = render.entry(row)
+        writer.writerow(
+            json.dumps(body[c], sort_keys=True) if isinstance(body[c], dict) else body[c]
+            for c in CSV_COLUMNS
+        )
+        if count % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _json(entries: Iterator[LedgerEntry]) -> Iterator[str]:
+    yield '{"data":['
+    for count, row in enumerate(entries):
+        yield ("," if count else "") + json.dumps(render.entry(row), separators=(",", ":"))
+    yield '],"has_more":false}'
+
+
+@router.get(
+    "",
+    response_model=EntryPage,
+    operation_id="list_ledger",
+    responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+)
+def list_ledger(
+    dataset_id: str,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    limit: Limit = 100,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    kind: Kind | None = None,
+    run_id: str | None = None,
+    format: Literal["json", "csv", "export"] | None = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> EntryPage | StreamingResponse:
+    """A page of entries in seq order (cursor: `after` = last seq).
+
+    `format=csv` (or `Accept: text/csv`) streams every matching entry as CSV;
+    `format=export` streams every matching entry as one JSON document.
+    """
+    wants_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
+    if wants_csv or format == "export":
+        entries = datasets.entries_export(db, principal, dataset_id, kind=kind, run_id=run_id)
+        if wants_csv:
+            headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.csv"'}
+            return StreamingResponse(_csv(entries), media_type="text/csv", headers=headers)
+        headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.json"'}
+        return StreamingResponse(_json(entries), media_type="application/json", headers=headers)
+    rows, more = datasets.entries_page(
+        db, principal, dataset_id, after=after, limit=limit, kind=kind, run_id=run_id
+    )
+    return EntryPage.model_validate({"data": [render.entry(r) for r in rows], "has_more": more})
+
+
+@router.get("/verify", response_model=VerifyPublic, operation_id="verify_ledger", responses=ERRORS)
+def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> VerifyPublic:
+    """Recompute the hash chain and replay the curves against the dataset's cached state."""
+    result = datasets.verify(db, principal, dataset_id)
+    return VerifyPublic.model_validate(result, from_attributes=True)
+
+
+@router.post(
+    "/{seq}/void",
+    status_code=201,
+    response_model=EntryPublic,
+    operation_id="void_charge",
+    responses=problems(401, 403, 404, 409),
+)
+def void_charge(
+    dataset_id: str,
+    seq: Annotated[int, Path(ge=1, le=MAX_SEQ)],
+    body: VoidCreate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Compensate a charge (admin): a `void` entry with a reason; nothing is edited."""
+    scope = idempotency(request, principal, idempotency_key, body)
+    return respond(datasets.void(db, principal, dataset_id, seq, body.reason, render.entry, scope))

@@ -1,0 +1,55 @@
+"""Noisy releases: one charge each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api import render
+from service.api.deps import CurrentKey, DatabaseDep, DryRun, IdempotencyKeyHeader, idempotency
+from service.api.responses import respond
+from service.api.schemas import DryRunPublic, ReleaseCreate, ReleasePublic, problems
+from service.domain import releases
+
+DRY_RUN: dict[str, Any] = {"model": DryRunPublic, "description": "A dry run's answer."}
+router = APIRouter(tags=["releases"])
+
+
+@router.post(
+    "/v1/datasets/{dataset_id}/releases",
+    status_code=201,
+    response_model=ReleasePublic,
+    operation_id="create_release",
+    responses={**problems(401, 403, 404, 409, 422), 200: DRY_RUN},
+)
+def create_release(
+    dataset_id: str,
+    body: ReleaseCreate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+    dry_run: DryRun = False,
+) -> JSONResponse:
+    """Charge one Gaussian, Laplace or pure-DP release; with `values` the service adds the noise."""
+    spec = releases.ReleaseSpec(
+        mechanism=body.mechanism,
+        sensitivity=body.sensitivity,
+        epsilon=body.epsilon,
+        delta=body.delta,
+        noise_scale=body.noise_scale,
+        values=body.values,
+        name=body.name,
+    )
+    outcome = releases.create(
+        db,
+        principal,
+        dataset_id,
+        spec,
+        render.release,
+        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, body),
+        dry_run=dry_run,
+    )
+    return respond(outcome, id_fields=("id", "ledger_seq"))

@@ -1,0 +1,174 @@
+"""DP-SGD runs: plan (hold), epochs (charges), complete/abort (release)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api import render
+from service.api.deps import (
+    CurrentKey,
+    DatabaseDep,
+    DryRun,
+    IdempotencyKeyHeader,
+    Limit,
+    idempotency,
+)
+from service.api.responses import respond
+from service.api.schemas import (
+    DryRunPublic,
+    EpochPublic,
+    RunCreate,
+    RunPage,
+    RunPublic,
+    RunWithDataset,
+    problems,
+)
+from service.domain import runs
+from service.settings import Settings
+
+DRY_RUN: dict[str, Any] = {"model": DryRunPublic, "description": "A dry run's answer."}
+router = APIRouter(tags=["runs"])
+ERRORS = problems(401, 403, 404)
+REFUSALS = problems(401, 403, 404, 409, 422)
+
+
+@router.post(
+    "/v1/datasets/{dataset_id}/runs",
+    status_code=201,
+    response_model=RunWithDataset,
+    operation_id="create_run",
+    responses={**REFUSALS, 200: DRY_RUN},
+)
+def create_run(
+    dataset_id: str,
+    body: RunCreate,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+    dry_run: DryRun = False,
+) -> JSONResponse:
+    """Plan a run: the ledger calibrates σ (or takes it) and holds the whole plan."""
+    settings: Settings = request.app.state.settings
+    spec = runs.RunSpec(
+        sample_rate=body.sample_rate,
+        steps_per_epoch=body.steps_per_epoch,
+        epochs=body.epochs,
+        target_epsilon=body.target_epsilon,
+        noise_multiplier=body.noise_multiplier,
+        sampling=body.sampling,
+        max_grad_norm=body.max_grad_norm,
+        name=body.name,
+        lease_seconds=body.lease_seconds or settings.default_lease_seconds,
+    )
+    outcome = runs.create(
+        db,
+        principal,
+        dataset_id,
+        spec,
+        render.run_result,
+        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, body),
+        dry_run=dry_run,
+    )
+    return respond(outcome, id_fields=("id",))
+
+
+@router.get(
+    "/v1/datasets/{dataset_id}/runs",
+    response_model=RunPage,
+    operation_id="list_runs",
+    responses=ERRORS,
+)
+def list_runs(
+    dataset_id: str,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    status: Literal["active", "completed", "aborted", "expired"] | None = None,
+    limit: Limit = 100,
+    after: str | None = None,
+) -> RunPage:
+    """A dataset's runs in creation order (cursor: `after` = last run id)."""
+    rows, more = runs.listing(db, principal, dataset_id, status=status, after=after, limit=limit)
+    return RunPage.model_validate({"data": [render.run(r) for r in rows], "has_more": more})
+
+
+@router.get("/v1/runs/{run_id}", response_model=RunPublic, operation_id="get_run", responses=ERRORS)
+def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
+    """A run."""
+    return RunPublic.model_validate(render.run(runs.get(db, principal, run_id)))
+
+
+@router.post(
+    "/v1/runs/{run_id}/epochs",
+    status_code=201,
+    response_model=EpochPublic,
+    operation_id="reserve_epoch",
+    responses={**REFUSALS, 200: DRY_RUN},
+)
+def reserve_epoch(
+    run_id: str,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+    dry_run: DryRun = False,
+) -> JSONResponse:
+    """Charge the next epoch and get the σ to use; renews the run's lease."""
+    outcome = runs.reserve_epoch(
+        db,
+        principal,
+        run_id,
+        render.epoch,
+        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, None),
+        dry_run=dry_run,
+    )
+    return respond(outcome, id_fields=("ledger_seq",))
+
+
+def _finish(
+    status: str,
+    run_id: str,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    key: str | None,
+) -> JSONResponse:
+    scope = idempotency(request, principal, key, None)
+    return respond(runs.finish(db, principal, run_id, status, render.run_result, idempotency=scope))
+
+
+@router.post(
+    "/v1/runs/{run_id}/complete",
+    response_model=RunWithDataset,
+    operation_id="complete_run",
+    responses=REFUSALS,
+)
+def complete_run(
+    run_id: str,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Finish a run normally; what is left of its hold is released."""
+    return _finish("completed", run_id, request, db, principal, idempotency_key)
+
+
+@router.post(
+    "/v1/runs/{run_id}/abort",
+    response_model=RunWithDataset,
+    operation_id="abort_run",
+    responses=REFUSALS,
+)
+def abort_run(
+    run_id: str,
+    request: Request,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """Stop a run early; spent epochs stay spent, the rest of the hold is released."""
+    return _finish("aborted", run_id, request, db, principal, idempotency_key)

@@ -1,0 +1,307 @@
+"""Request and response schemas (separate models for what comes in and what goes out)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
+
+
+def _json_number(value: Any) -> Any:
+    """Numbers must be JSON numbers: lax parsing would read `true` as 1 and "0.5" as 0.5."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number, not a boolean or a string")
+    return value
+
+
+Real = Annotated[float, BeforeValidator(_json_number)]
+Count = Annotated[int, BeforeValidator(_json_number)]
+DatasetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# Free text: PostgreSQL cannot store NUL characters, so neither backend accepts them.
+_NO_NUL = r"^[^\x00]*$"
+Name = Annotated[str, StringConstraints(max_length=200, pattern=_NO_NUL)]
+Description = Annotated[str, StringConstraints(max_length=2000, pattern=_NO_NUL)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=_NO_NUL)]
+
+# Bounds beyond which a number means nothing for a privacy budget (and would only
+# stress the arithmetic): refused with a 422 rather than computed.
+MAX_EPSILON = 1e4
+MAX_STEPS = 10**9
+# Ledger seqs are 32-bit integer columns: a larger one cannot exist (PostgreSQL refuses to compare
+# against it, SQLite overflows on it), so it is refused like any other invalid number.
+MAX_SEQ = 2**31 - 1
+
+
+class Request(BaseModel):
+    """Every request body: unknown fields and NaN/inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Public(BaseModel):
+    """Every response body."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class DatasetCreate(Request):
+    id: DatasetId = Field(description="1–64 characters: letters, digits, '.', '_', '-'.")
+    epsilon_cap: Real = Field(ge=0, le=MAX_EPSILON)
+    delta: Real = Field(gt=0, lt=1, description="Fixed at creation.")
+    description: Description = ""
+
+
+class DatasetUpdate(Request):
+    epsilon_cap: Real | None = Field(None, ge=0, le=MAX_EPSILON)
+    frozen: StrictBool | None = None
+    description: Description | None = None
+    reason: Reason | None = None
+
+
+class DatasetPublic(Public):
+    id: str
+    description: str
+    epsilon_cap: float
+    delta: float
+    epsilon_spent: float = Field(description="Filter ε of posted charges.")
+    epsilon_reserved: float = Field(description="Filter ε of posted charges plus pending holds.")
+    epsilon_remaining: float
+    frozen: bool
+    ledger_seq: int
+    active_runs: int
+    created_at: str
+    updated_at: str
+
+
+class RunCreate(Request):
+    sample_rate: Real = Field(gt=0, le=1)
+    steps_per_epoch: Count = Field(ge=1, le=10_000_000)
+    epochs: Count = Field(ge=1, le=100_000)
+    target_epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
+    noise_multiplier: Real | None = Field(None, gt=0, le=1e6)
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    max_grad_norm: Real | None = Field(None, gt=0, le=1e12)
+    name: Name | None = None
+    lease_seconds: Count | None = Field(None, ge=1, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> RunCreate:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        if self.steps_per_epoch * self.epochs > MAX_STEPS:
+            raise ValueError(f"steps_per_epoch × epochs must be at most {MAX_STEPS}")
+        return self
+
+
+class RunPublic(Public):
+    id: str
+    dataset_id: str
+    name: str | None
+    status: Literal["active", "completed", "aborted", "expired"]
+    sampling: Literal["poisson", "shuffle"]
+    sample_rate: float
+    steps_per_epoch: int
+    epochs: int
+    epochs_charged: int
+    noise_multiplier: float
+    max_grad_norm: float | None
+    target_epsilon: float | None
+    epsilon: float = Field(description="The plan's own ε at the dataset's δ (not a filter figure).")
+    epsilon_per_epoch: float
+    lease_seconds: int
+    expires_at: str
+    created_at: str
+    updated_at: str
+
+
+class RunWithDataset(RunPublic):
+    dataset: DatasetPublic
+
+
+class EpochPublic(Public):
+    run_id: str
+    epoch: int = Field(description="1-based.")
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float | None
+    sampling: Literal["poisson", "shuffle"]
+    beyond_plan: bool
+    ledger_seq: int | None
+    expires_at: str
+    dataset: DatasetPublic
+
+
+class ReleaseCreate(Request):
+    mechanism: Literal["gaussian", "laplace", "pure_dp"]
+    sensitivity: Real = Field(1.0, gt=0, le=1e12)
+    epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
+    delta: Real | None = Field(None, gt=0, lt=1)
+    noise_scale: Real | None = Field(None, gt=0, le=1e15)
+    values: list[Annotated[Real, Field(ge=-1e300, le=1e300)]] | None = Field(
+        None, max_length=100_000
+    )
+    name: Name | None = None
+
+    @model_validator(mode="after")
+    def _bounded_epsilon(self) -> ReleaseCreate:
+        # A Laplace release's ε is sensitivity / noise_scale: held to the bound a given ε has
+        # (far past it the quotient overflows to inf, which no answer can carry).
+        scale = self.noise_scale
+        if (
+            self.mechanism == "laplace"
+            and scale is not None
+            and self.sensitivity / scale > MAX_EPSILON
+        ):
+            raise ValueError(
+                f"a Laplace release's ε (sensitivity / noise_scale) must be at most {MAX_EPSILON:g}"
+            )
+        return self
+
+
+class ReleasePublic(Public):
+    id: str | None
+    dataset_id: str
+    mechanism: str
+    sensitivity: float
+    noise_scale: float | None
+    epsilon: float
+    delta: float | None
+    name: str | None
+    ledger_seq: int | None
+    noised_values: list[float] | None
+    created_at: str
+    dataset: DatasetPublic
+
+
+class EntryPublic(Public):
+    seq: int
+    dataset_id: str
+    kind: str
+    run_id: str | None
+    release_id: str | None
+    voids_seq: int | None
+    mechanism: dict[str, Any] | None
+    units: list[int] | None = Field(description="The entry's RDP curve in units of 2^-60.")
+    actor: str
+    idempotency_key: str | None
+    epsilon: float | None = Field(description="The entry's own ε at the dataset's δ.")
+    epsilon_spent_after: float
+    epsilon_reserved_after: float
+    details: dict[str, Any]
+    created_at: str
+    prev_hash: str
+    hash: str
+
+
+class VoidCreate(Request):
+    reason: Reason
+
+
+class VerifyPublic(Public):
+    ok: bool
+    entries: int
+    last_seq: int
+    last_hash: str
+    chain_ok: bool
+    replay_ok: bool
+    problems: list[str]
+
+
+class KeyCreate(Request):
+    role: Literal["admin", "trainer", "auditor"]
+    datasets: list[DatasetId] | None = Field(None, max_length=1000)
+    name: Name | None = None
+
+    @model_validator(mode="after")
+    def _scope_only_below_admin(self) -> KeyCreate:
+        # An admin may do everything, issuing itself an unscoped key included: a scope on an
+        # admin key would mean nothing, so only trainer and auditor keys take one.
+        if self.role == "admin" and self.datasets is not None:
+            raise ValueError("admin keys cannot be scoped: only trainer and auditor keys can")
+        return self
+
+
+class KeyPublic(Public):
+    id: str
+    role: str
+    datasets: list[str] | None
+    name: str | None
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The bearer key: shown once, never stored.")
+
+
+class EpsilonRequest(Request):
+    sample_rate: Real = Field(gt=0, le=1)
+    noise_multiplier: Real = Field(gt=0, le=1e6)
+    steps: Count = Field(ge=1, le=MAX_STEPS)
+    delta: Real = Field(gt=0, lt=1)
+
+
+class EpsilonPublic(Public):
+    epsilon: float
+
+
+class NoiseMultiplierRequest(Request):
+    sample_rate: Real = Field(gt=0, le=1)
+    steps: Count = Field(ge=1, le=MAX_STEPS)
+    target_epsilon: Real = Field(gt=0, le=MAX_EPSILON)
+    delta: Real = Field(gt=0, lt=1)
+
+
+class NoiseMultiplierPublic(Public):
+    noise_multiplier: float
+    epsilon: float
+
+
+class DryRunPublic(Public):
+    dry_run: Literal[True]
+    admitted: bool
+    refusal: dict[str, Any] | None = Field(
+        None, description="The problem the real call would answer, when not admitted."
+    )
+
+
+class Problem(Public):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting problem+json answers for these statuses."""
+    return {status: {"model": Problem} for status in statuses}
+
+
+class DatasetPage(Public):
+    data: list[DatasetPublic]
+    has_more: bool
+
+
+class RunPage(Public):
+    data: list[RunPublic]
+    has_more: bool
+
+
+class EntryPage(Public):
+    data: list[EntryPublic]
+    has_more: bool
+
+
+class KeyPage(Public):
+    data: list[KeyPublic]
+    has_more: bool

@@ -1,0 +1,132 @@
+"""The FastAPI application: routers, error handlers, request guards."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import errors
+from service.api.errors import problem
+from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
+from service.observability import RequestContext, configure_logging
+from service.settings import Settings, get_settings
+from service.storage.database import Database
+from service.ui.routes import router as ui_router
+
+DESCRIPTION = """
+A central ledger for differential-privacy budgets. Trainers reserve budget before
+every DP-SGD epoch and every noisy release and get back the noise to use; auditors
+read a hash-chained ledger per dataset; admins set caps and keys.
+
+Errors are RFC 9457 `application/problem+json` with a stable `code`. Every POST
+accepts `Idempotency-Key`.
+"""
+
+_BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
+
+
+class RequestGuard:
+    """Refuse oversized (413) and non-JSON (415) bodies, and NUL in paths or queries, up front."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # No resource id or query value can hold a NUL (PostgreSQL cannot even store one):
+        # a path with one names nothing, a query with one is invalid — before any database sees it.
+        if "\x00" in scope["path"]:
+            await problem(404, "not_found", "Not found", "no such resource")(scope, receive, send)
+            return
+        if b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+            detail = "query parameters must not contain NUL characters"
+            await problem(422, "validation_error", "Invalid request", detail)(scope, receive, send)
+            return
+        if scope["method"].encode() not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"")
+        if length is not None and not length.isdigit():
+            await problem(400, "malformed_request", "Malformed request", "bad Content-Length")(
+                scope, receive, send
+            )
+            return
+        if length is not None and int(length) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        has_body = chunked or (length is not None and int(length) > 0)
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if has_body and media != b"application/json" and not media.endswith(b"+json"):
+            await problem(
+                415,
+                "unsupported_media_type",
+                "Unsupported media type",
+                "send request bodies as application/json",
+            )(scope, receive, send)
+            return
+        if length is None and chunked:
+            # No length to check up front: read the body here (up to the limit) and
+            # replay it, so an oversized stream is a clean 413, not a parse error.
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body += message.get("body", b"")
+                if len(body) > self.max_body_bytes:
+                    await self._too_large(scope, receive, send)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request bodies are limited to {self.max_body_bytes} bytes"
+        await problem(413, "payload_too_large", "Payload too large", detail)(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    """Build the application (uvicorn calls this as a factory in every worker)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if database is None:
+            app.state.db.dispose()
+
+    app = FastAPI(
+        title="privacy-ledger",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = database or Database(settings.database_url)
+    errors.install(app)
+    for module in (health, datasets, runs, releases, ledger, keys, accountant):
+        app.include_router(module.router)
+    app.include_router(ui_router)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)
+    configure_logging(settings.log_level)
+    return app

@@ -1,0 +1,1 @@
+"""Domain: admission, ledger writing, calibration calls. Never sees an HTTP request."""

@@ -1,0 +1,175 @@
+"""API keys: issuing, authenticating (constant time), scoping, revoking.
+
+A key reads `pl_<id>_<secret>`. Only SHA-256(secret) is stored: the secret is
+256 random bits, so a fast hash is enough (no dictionary to attack), and the
+id makes lookup a primary-key read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.domain.errors import Forbidden, NotFound, Unauthorized
+from service.domain.transactions import Body, Idempotency, Outcome, write
+from service.storage.database import Database
+from service.storage.models import ApiKey, utcnow
+
+BOOTSTRAP_ID = "bootstrap"
+_PREFIX = "pl"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key id, its role and (for scoped keys) its datasets."""
+
+    id: str
+    role: str
+    datasets: frozenset[str] | None = None
+
+    def require(self, *roles: str) -> None:
+        """Forbidden unless this key has one of `roles` (admin always passes)."""
+        if self.role != "admin" and self.role not in roles:
+            raise Forbidden(f"a {self.role} key may not do this (needs {' or '.join(roles)})")
+
+    def sees(self, dataset_id: str) -> bool:
+        """Whether this key may see the dataset at all."""
+        return self.datasets is None or dataset_id in self.datasets
+
+    def require_dataset(self, dataset_id: str) -> None:
+        """NotFound (not Forbidden: existence is not leaked) for datasets out of scope."""
+        if not self.sees(dataset_id):
+            raise NotFound(f"dataset {dataset_id!r} not found")
+
+
+def _secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> Principal:
+    """The principal behind a bearer token, or Unauthorized."""
+    if not token:
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+    if bootstrap_key and hmac.compare_digest(token.encode(), bootstrap_key.encode()):
+        return Principal(BOOTSTRAP_ID, "admin")
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != _PREFIX:
+        raise Unauthorized("invalid API key")
+    with db.read() as session:
+        key = session.get(ApiKey, parts[1])
+        # Compare even when the key is unknown, so timing does not tell ids apart.
+        stored = key.secret_hash if key is not None else "0" * 64
+        matches = hmac.compare_digest(stored, _secret_hash(parts[2]))
+        if key is None or not matches:
+            raise Unauthorized("invalid API key")
+        if key.revoked_at is not None:
+            raise Unauthorized("this API key has been revoked")
+        scope = frozenset(json.loads(key.datasets)) if key.datasets is not None else None
+        return Principal(key.id, key.role, scope)
+
+
+def issue(
+    session: Session, *, role: str, datasets: list[str] | None, name: str | None
+) -> tuple[ApiKey, str]:
+    """A new key row and its secret bearer token (shown once)."""
+    key_id = "key" + secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    row = ApiKey(
+        id=key_id,
+        name=name,
+        role=role,
+        datasets=json.dumps(sorted(set(datasets))) if datasets is not None else None,
+        secret_hash=_secret_hash(secret),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return row, f"{_PREFIX}_{key_id}_{secret}"
+
+
+def revoke(session: Session, key_id: str) -> ApiKey:
+    """Mark a key revoked (idempotent)."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"key {key_id!r} not found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def listing(session: Session, *, after: str | None, limit: int) -> list[ApiKey]:
+    """Keys in id order after a cursor."""
+    statement = select(ApiKey).order_by(ApiKey.id).limit(limit)
+    if after:
+        statement = statement.where(ApiKey.id > after)
+    return list(session.execute(statement).scalars())
+
+
+def count(session: Session) -> int:
+    """How many keys exist (revoked ones too)."""
+    return int(session.execute(select(func.count()).select_from(ApiKey)).scalar_one())
+
+
+def create(
+    db: Database,
+    principal: Principal,
+    *,
+    role: str,
+    datasets: list[str] | None,
+    name: str | None,
+    render: Callable[[ApiKey], Body],
+    idempotency: Idempotency | None = None,
+) -> Outcome:
+    """Issue a key (admin); the body carries the bearer secret, shown this once."""
+    principal.require("admin")
+
+    def operation(session: Session, _: object) -> tuple[int, Body]:
+        row, token = issue(session, role=role, datasets=datasets, name=name)
+        return 201, {**render(row), "key": token}
+
+    return write(db, operation, idempotency=idempotency)
+
+
+def revoke_key(
+    db: Database, principal: Principal, key_id: str, render: Callable[[ApiKey], Body]
+) -> Body:
+    """Revoke a key (admin); it is refused from the next request on."""
+    principal.require("admin")
+
+    def operation(session: Session, _: object) -> tuple[int, Body]:
+        return 200, render(revoke(session, key_id))
+
+    return write(db, operation).body
+
+
+def list_keys(
+    db: Database,
+    principal: Principal,
+    *,
+    after: str | None,
+    limit: int,
+    render: Callable[[ApiKey], Body],
+) -> tuple[list[Body], bool]:
+    """Keys in id order (admin), never their secrets; and whether more follow."""
+    principal.require("admin")
+    with db.read() as session:
+        rows = listing(session, after=after, limit=limit + 1)
+        return [render(r) for r in rows[:limit]], len(rows) > limit
+
+
+def bootstrap_admin(db: Database) -> str | None:
+    """On a database with no key at all, issue a first admin key and return its token."""
+
+    def operation(session: Session, _: object) -> tuple[int, Body]:
+        if count(session) > 0:
+            return 200, {"key": None}
+        return 201, {"key": issue(session, role="admin", datasets=None, name="first admin")[1]}
+
+    token = write(db, operation).body["key"]
+    return str(token) if token is not None else None

@@ -1,0 +1,340 @@
+"""DP-SGD runs: a plan is held, each epoch is charged from the hold, the rest released.
+
+The ledger computes σ (calibration happens before the transaction: it depends
+only on the plan and the dataset's fixed δ). A plan's hold is exactly
+`epochs ×` one epoch's units, so charging every epoch drains it to zero with
+no remainder.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from accountant import calibrate
+from service.domain import holds, ledger
+from service.domain.budget import Budget, dumps_units, loads_units
+from service.domain.datasets import DatasetView, refresh, view
+from service.domain.errors import (
+    BudgetExhausted,
+    DatasetFrozen,
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    RunNotActive,
+)
+from service.domain.keys import Principal
+from service.domain.transactions import Body, Idempotency, Operation, Outcome, rehearse, write
+from service.storage.database import Database
+from service.storage.models import Dataset, Run
+
+
+def new_id(prefix: str) -> str:
+    """A time-ordered id: sorting ids sorts by creation."""
+    return f"{prefix}_{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A trainer's plan."""
+
+    sample_rate: float
+    steps_per_epoch: int
+    epochs: int
+    target_epsilon: float | None
+    noise_multiplier: float | None
+    sampling: str
+    max_grad_norm: float | None
+    name: str | None
+    lease_seconds: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """σ for a plan and the plan's own ε (standalone, at the dataset's δ)."""
+
+    noise_multiplier: float
+    epsilon: float
+    epsilon_per_epoch: float
+
+
+def calibrate_plan(spec: RunSpec, delta: float) -> Calibration:
+    """σ from target_epsilon (or as given), and the plan's ε; InvalidRequest if impossible."""
+    # Shuffled batches: an epoch is one Gaussian step of σ (no amplification), as if q = 1.
+    q, steps = (1.0, 1) if spec.sampling == "shuffle" else (spec.sample_rate, spec.steps_per_epoch)
+    try:
+        if spec.target_epsilon is not None:
+            sigma = calibrate.noise_multiplier(spec.target_epsilon, delta, q, steps * spec.epochs)
+        else:
+            assert spec.noise_multiplier is not None
+            sigma = spec.noise_multiplier
+        epsilon = calibrate.dp_sgd_epsilon(sigma, delta, q, steps * spec.epochs)
+        per_epoch = calibrate.dp_sgd_epsilon(sigma, delta, q, steps)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if not (epsilon < float("inf")):
+        raise InvalidRequest("noise_multiplier is too small: this plan's ε is unbounded")
+    return Calibration(sigma, epsilon, per_epoch)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A run and its dataset after an operation."""
+
+    run: Run
+    dataset: DatasetView
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One charged epoch."""
+
+    run: Run
+    epoch: int
+    beyond_plan: bool
+    ledger_seq: int
+    dataset: DatasetView
+
+
+def refusal(budget: Budget, dataset: Dataset, cost: list[int], what: str) -> BudgetExhausted:
+    """A budget refusal with the numbers that explain it."""
+    spent, reserved = budget.epsilon_spent(), budget.epsilon_reserved()
+    after = budget.epsilon_with(cost)
+    return BudgetExhausted(
+        f"{what} does not fit: the dataset would reach ε={after:.6g} against a cap of "
+        f"{dataset.epsilon_cap:g} (spent {spent:.6g}, reserved {reserved:.6g})",
+        epsilon_cap=dataset.epsilon_cap,
+        epsilon_spent=spent,
+        epsilon_reserved=reserved,
+        epsilon_requested=budget.own_epsilon(cost),
+        epsilon_after=after,
+    )
+
+
+def _dataset_delta(db: Database, principal: Principal, dataset_id: str) -> float:
+    principal.require_dataset(dataset_id)
+    with db.read() as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        return dataset.delta
+
+
+def create(
+    db: Database,
+    principal: Principal,
+    dataset_id: str,
+    spec: RunSpec,
+    render: Callable[[RunResult], Body],
+    *,
+    idempotency: Idempotency | None = None,
+    dry_run: bool = False,
+) -> Outcome | tuple[Body | None, DomainError | None]:
+    """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
+    principal.require("trainer")
+    calibration = calibrate_plan(spec, _dataset_delta(db, principal, dataset_id))
+
+    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+        assert dataset is not None
+        now, budget = holds.begin(session, dataset)
+        run = Run(
+            id=new_id("run"),
+            dataset_id=dataset.id,
+            name=spec.name,
+            status="active",
+            sampling=spec.sampling,
+            sample_rate=spec.sample_rate,
+            steps_per_epoch=spec.steps_per_epoch,
+            epochs=spec.epochs,
+            epochs_charged=0,
+            noise_multiplier=calibration.noise_multiplier,
+            max_grad_norm=spec.max_grad_norm,
+            target_epsilon=spec.target_epsilon,
+            epsilon=calibration.epsilon,
+            epsilon_per_epoch=calibration.epsilon_per_epoch,
+            lease_seconds=spec.lease_seconds,
+            expires_at=now + timedelta(seconds=spec.lease_seconds),
+            created_by=principal.id,
+            created_at=now,
+            updated_at=now,
+        )
+        epoch_units = budget.units_of(holds.epoch_mechanism(run))
+        run.epoch_units = dumps_units(epoch_units)
+        plan_units = [spec.epochs * unit for unit in epoch_units]
+        if not budget.admits(plan_units):
+            raise refusal(budget, dataset, plan_units, f"a plan of {spec.epochs} epochs")
+        session.add(run)
+        budget.hold(plan_units)
+        request = ledger.Append(
+            "hold",
+            principal.id,
+            mechanism=holds.epoch_mechanism(run, spec.epochs),
+            units=plan_units,
+            run_id=run.id,
+            idempotency_key=idempotency.key if idempotency else None,
+            details={
+                "epochs": spec.epochs,
+                "steps_per_epoch": spec.steps_per_epoch,
+                "sampling": spec.sampling,
+                "target_epsilon": spec.target_epsilon,
+                "name": spec.name,
+            },
+        )
+        ledger.append(session, dataset, budget, request, now)
+        return 201, render(RunResult(run, view(session, dataset, budget)))
+
+    return _execute(db, operation, dataset_id, idempotency, dry_run, "plan")
+
+
+def _execute(
+    db: Database,
+    operation: Operation,
+    dataset_id: str,
+    idempotency: Idempotency | None,
+    dry_run: bool,
+    admission: str,
+) -> Outcome | tuple[Body | None, DomainError | None]:
+    if dry_run:
+        return rehearse(db, operation, dataset_id=dataset_id)
+    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency, admission=admission)
+
+
+def _run_dataset(db: Database, principal: Principal, run_id: str) -> str:
+    """The dataset of a run visible to the key (NotFound otherwise)."""
+    with db.read() as session:
+        dataset_id = session.execute(
+            select(Run.dataset_id).where(Run.id == run_id)
+        ).scalar_one_or_none()
+    if dataset_id is None or not principal.sees(dataset_id):
+        raise NotFound(f"run {run_id!r} not found")
+    return dataset_id
+
+
+def _locked_run(session: Session, run_id: str) -> Run:
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return run
+
+
+def reserve_epoch(
+    db: Database,
+    principal: Principal,
+    run_id: str,
+    render: Callable[[EpochResult], Body],
+    *,
+    idempotency: Idempotency | None = None,
+    dry_run: bool = False,
+) -> Outcome | tuple[Body | None, DomainError | None]:
+    """Charge the run's next epoch (from its hold, or beyond the plan if the filter admits it)."""
+    principal.require("trainer")
+    dataset_id = _run_dataset(db, principal, run_id)
+
+    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+        assert dataset is not None
+        # Expire first: this very run may have lapsed, and then it is not active.
+        now, budget = holds.begin(session, dataset, charging=False)
+        run = _locked_run(session, run_id)
+        if run.status != "active":
+            raise RunNotActive(f"run {run_id!r} is {run.status}", run_status=run.status)
+        if dataset.frozen:
+            raise DatasetFrozen(f"dataset {dataset.id!r} is frozen")
+        units = loads_units(run.epoch_units)
+        within_plan = run.epochs_charged < run.epochs
+        if not within_plan and not budget.admits(units):
+            raise refusal(
+                budget, dataset, units, f"epoch {run.epochs_charged + 1} (beyond the plan)"
+            )
+        budget.charge(units, from_hold=within_plan)
+        run.epochs_charged += 1
+        run.expires_at = now + timedelta(seconds=run.lease_seconds)
+        run.updated_at = now
+        request = ledger.Append(
+            "charge",
+            principal.id,
+            mechanism=holds.epoch_mechanism(run),
+            units=units,
+            run_id=run.id,
+            idempotency_key=idempotency.key if idempotency else None,
+            details={"epoch": run.epochs_charged, "from_hold": within_plan},
+        )
+        entry = ledger.append(session, dataset, budget, request, now)
+        result = EpochResult(
+            run, run.epochs_charged, not within_plan, entry.seq, view(session, dataset, budget)
+        )
+        return 201, render(result)
+
+    return _execute(db, operation, dataset_id, idempotency, dry_run, "epoch")
+
+
+def finish(
+    db: Database,
+    principal: Principal,
+    run_id: str,
+    status: str,
+    render: Callable[[RunResult], Body],
+    *,
+    idempotency: Idempotency | None = None,
+) -> Outcome:
+    """Complete or abort a run, releasing what is left of its hold."""
+    principal.require("trainer")
+    dataset_id = _run_dataset(db, principal, run_id)
+
+    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+        assert dataset is not None
+        now, budget = holds.begin(session, dataset, charging=False)
+        run = _locked_run(session, run_id)
+        if run.status != "active":
+            raise RunNotActive(f"run {run_id!r} is already {run.status}", run_status=run.status)
+        holds.release(
+            session,
+            dataset,
+            budget,
+            run,
+            status=status,
+            actor=principal.id,
+            now=now,
+            idempotency_key=idempotency.key if idempotency else None,
+        )
+        return 200, render(RunResult(run, view(session, dataset, budget)))
+
+    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
+
+
+def get(db: Database, principal: Principal, run_id: str) -> Run:
+    """One run (its dataset's lapsed holds expired first)."""
+    principal.require("trainer", "auditor")
+    refresh(db, _run_dataset(db, principal, run_id))
+    with db.read() as session:
+        return _locked_run(session, run_id)
+
+
+def listing(
+    db: Database,
+    principal: Principal,
+    dataset_id: str,
+    *,
+    status: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[list[Run], bool]:
+    """A dataset's runs in creation order after a cursor; and whether more follow."""
+    principal.require("trainer", "auditor")
+    principal.require_dataset(dataset_id)
+    refresh(db, dataset_id)
+    with db.read() as session:
+        if session.get(Dataset, dataset_id) is None:
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        statement = select(Run).where(Run.dataset_id == dataset_id).order_by(Run.id)
+        if status:
+            statement = statement.where(Run.status == status)
+        if after:
+            statement = statement.where(Run.id > after)
+        rows = list(session.execute(statement.limit(limit + 1)).scalars())
+        return rows[:limit], len(rows) > limit

@@ -1,0 +1,103 @@
+"""Prometheus metrics, correct with several worker processes.
+
+`privacy-ledger serve` points PROMETHEUS_MULTIPROC_DIR at a fresh folder
+before the workers start, so every worker's counters land in shared files
+and any worker's /metrics answers for all of them. Per-dataset ε gauges are
+read from the database at scrape time, so they are the same whichever
+worker answers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import select
+
+from service.domain.budget import Budget
+from service.storage.database import Database
+from service.storage.models import Dataset
+
+__all__ = ["CONTENT_TYPE_LATEST", "render"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUESTS = Counter(
+    "ledger_http_requests_total", "HTTP requests answered.", ["method", "route", "status"]
+)
+LATENCY = Histogram(
+    "ledger_http_request_duration_seconds",
+    "HTTP request latency.",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+ADMISSIONS = Counter(
+    "ledger_admissions_total",
+    "Admission decisions by operation (plan, epoch, release) and outcome.",
+    ["operation", "outcome"],
+)
+REFUSALS = Counter(
+    "ledger_budget_refusals_total", "Requests refused by the cap filter.", ["operation"]
+)
+REPLAYS = Counter("ledger_idempotent_replays_total", "Responses replayed for an Idempotency-Key.")
+LOCK_WAIT = Histogram(
+    "ledger_lock_wait_seconds",
+    "Time a write transaction waited for its database lock.",
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+class DatasetCollector(Collector):
+    """ε spent / reserved / cap per dataset, read from the database when scraped."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spent = GaugeMetricFamily(
+            "ledger_dataset_epsilon_spent", "Filter ε of posted charges.", labels=["dataset"]
+        )
+        reserved = GaugeMetricFamily(
+            "ledger_dataset_epsilon_reserved", "Filter ε of charges plus holds.", labels=["dataset"]
+        )
+        cap = GaugeMetricFamily(
+            "ledger_dataset_epsilon_cap", "The dataset's cap.", labels=["dataset"]
+        )
+        with self.db.read() as session:
+            for row in session.execute(select(Dataset)).scalars():
+                budget = Budget.of(row)
+                spent.add_metric([row.id], budget.epsilon_spent())
+                reserved.add_metric([row.id], budget.epsilon_reserved())
+                cap.add_metric([row.id], row.epsilon_cap)
+        yield from (spent, reserved, cap)
+
+
+def render(db: Database) -> bytes:
+    """The exposition text: every worker's counters plus the dataset gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        process_metrics = generate_latest(registry)
+    else:
+        process_metrics = generate_latest(REGISTRY)
+    datasets = CollectorRegistry()
+    datasets.register(DatasetCollector(db))
+    return process_metrics + generate_latest(datasets)
+
+
+def admission(operation: str, outcome: str) -> None:
+    """Count one admission decision (and a refusal when the filter said no)."""
+    ADMISSIONS.labels(operation, outcome).inc()
+    if outcome == "budget_exhausted":
+        REFUSALS.labels(operation).inc()

@@ -1,0 +1,1 @@
+"""Tests of the accountant package: cross-checks, published figures and its laws."""

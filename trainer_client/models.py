@@ -1,0 +1,482 @@
+"""Typed, immutable views of the service's JSON resources (docs/api.md, "Resources").
+
+Each class has a ``from_json`` constructor that checks the fields it reads and
+keeps the whole body in `raw` (so fields a newer service adds are not lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from trainer_client.errors import LedgerError
+
+__all__ = [
+    "ApiKey",
+    "Dataset",
+    "Epoch",
+    "EpsilonEstimate",
+    "LedgerEntry",
+    "NoiseCalibration",
+    "Release",
+    "RunRecord",
+    "VerifyResult",
+]
+
+
+class _Body:
+    """Typed reads from one JSON object; a missing or mistyped field is a clear error."""
+
+    def __init__(self, obj: object, what: str) -> None:
+        if not isinstance(obj, Mapping):
+            raise _unexpected(f"{what}: expected a JSON object, got {type(obj).__name__}")
+        self.obj: Mapping[str, Any] = obj
+        self.what = what
+
+    def _get(self, key: str, optional: bool) -> Any:
+        if key not in self.obj:
+            if optional:
+                return None
+            raise _unexpected(f"{self.what}: field {key!r} is missing")
+        return self.obj[key]
+
+    def _bad(self, key: str, expected: str) -> LedgerError:
+        return _unexpected(f"{self.what}: field {key!r} is not {expected}: {self.obj[key]!r}")
+
+    def text(self, key: str) -> str:
+        value = self._get(key, optional=False)
+        if not isinstance(value, str):
+            raise self._bad(key, "a string")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._get(key, optional=True)
+        if value is not None and not isinstance(value, str):
+            raise self._bad(key, "a string")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.opt_number(key)
+        if value is None:
+            raise _unexpected(f"{self.what}: field {key!r} is missing or null")
+        return value
+
+    def opt_number(self, key: str) -> float | None:
+        value = self._get(key, optional=True)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(key, "a number")
+        return float(value)
+
+    def integer(self, key: str) -> int:
+        value = self.opt_integer(key)
+        if value is None:
+            raise _unexpected(f"{self.what}: field {key!r} is missing or null")
+        return value
+
+    def opt_integer(self, key: str) -> int | None:
+        value = self._get(key, optional=True)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, "an integer")
+        return value
+
+    def flag(self, key: str, default: bool | None = None) -> bool:
+        value = self._get(key, optional=default is not None)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "a boolean")
+        return value
+
+    def time(self, key: str) -> datetime:
+        value = self.opt_time(key)
+        if value is None:
+            raise _unexpected(f"{self.what}: field {key!r} is missing or null")
+        return value
+
+    def opt_time(self, key: str) -> datetime | None:
+        value = self.opt_text(key)
+        if value is None:
+            return None
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise self._bad(key, "an ISO 8601 time") from None
+
+    def opt_mapping(self, key: str) -> Mapping[str, Any] | None:
+        value = self._get(key, optional=True)
+        if value is not None and not isinstance(value, Mapping):
+            raise self._bad(key, "an object")
+        return value
+
+    def opt_list(self, key: str) -> list[Any] | None:
+        value = self._get(key, optional=True)
+        if value is not None and not isinstance(value, list):
+            raise self._bad(key, "a list")
+        return value
+
+
+def _unexpected(message: str) -> LedgerError:
+    return LedgerError(f"unexpected response: {message}", code="unexpected_response")
+
+
+@dataclass(frozen=True)
+class _DryRunFields:
+    """Set on the answer to a ``dry_run=true`` call: nothing was written (ids are None)."""
+
+    dry_run: bool = field(default=False, kw_only=True)
+
+
+def _dry_run_fields(body: _Body) -> dict[str, Any]:
+    return {"dry_run": body.flag("dry_run", default=False)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset's budget: its cap and what is spent and reserved against it."""
+
+    id: str
+    description: str
+    epsilon_cap: float
+    delta: float
+    epsilon_spent: float
+    epsilon_reserved: float
+    epsilon_remaining: float
+    frozen: bool
+    ledger_seq: int
+    active_runs: int
+    created_at: datetime | None
+    updated_at: datetime | None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Dataset:
+        """Read a Dataset body."""
+        b = _Body(obj, "Dataset")
+        return cls(
+            id=b.text("id"),
+            description=b.opt_text("description") or "",
+            epsilon_cap=b.number("epsilon_cap"),
+            delta=b.number("delta"),
+            epsilon_spent=b.number("epsilon_spent"),
+            epsilon_reserved=b.number("epsilon_reserved"),
+            epsilon_remaining=b.number("epsilon_remaining"),
+            frozen=b.flag("frozen", default=False),
+            ledger_seq=b.opt_integer("ledger_seq") or 0,
+            active_runs=b.opt_integer("active_runs") or 0,
+            created_at=b.opt_time("created_at"),
+            updated_at=b.opt_time("updated_at"),
+            raw=b.obj,
+        )
+
+
+@dataclass(frozen=True)
+class RunRecord(_DryRunFields):
+    """The service's record of a DP-SGD run: its plan, its noise and its status.
+
+    `epsilon` is the plan's own ε at the dataset's δ (Opacus'
+    ``make_private_with_epsilon`` meaning), not the dataset's filter figure.
+    `id` is None only in a dry run. `dataset` is the dataset's budget right
+    after the call that returned this record (creation, complete, abort).
+    """
+
+    id: str | None
+    dataset_id: str
+    name: str | None
+    status: str
+    sampling: str
+    sample_rate: float
+    steps_per_epoch: int
+    epochs: int
+    epochs_charged: int
+    noise_multiplier: float
+    max_grad_norm: float | None
+    target_epsilon: float | None
+    epsilon: float
+    epsilon_per_epoch: float | None
+    lease_seconds: int | None
+    expires_at: datetime | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    dataset: Dataset | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> RunRecord:
+        """Read a Run body."""
+        b = _Body(obj, "Run")
+        dataset = b.opt_mapping("dataset")
+        return cls(
+            id=b.opt_text("id"),
+            dataset_id=b.text("dataset_id"),
+            name=b.opt_text("name"),
+            status=b.opt_text("status") or "active",
+            sampling=b.opt_text("sampling") or "poisson",
+            sample_rate=b.number("sample_rate"),
+            steps_per_epoch=b.integer("steps_per_epoch"),
+            epochs=b.integer("epochs"),
+            epochs_charged=b.opt_integer("epochs_charged") or 0,
+            noise_multiplier=b.number("noise_multiplier"),
+            max_grad_norm=b.opt_number("max_grad_norm"),
+            target_epsilon=b.opt_number("target_epsilon"),
+            epsilon=b.number("epsilon"),
+            epsilon_per_epoch=b.opt_number("epsilon_per_epoch"),
+            lease_seconds=b.opt_integer("lease_seconds"),
+            expires_at=b.opt_time("expires_at"),
+            created_at=b.opt_time("created_at"),
+            updated_at=b.opt_time("updated_at"),
+            dataset=None if dataset is None else Dataset.from_json(dataset),
+            raw=b.obj,
+            **_dry_run_fields(b),
+        )
+
+
+@dataclass(frozen=True)
+class Epoch(_DryRunFields):
+    """One reserved (and, unless a dry run, already charged) DP-SGD epoch.
+
+    Train this epoch with exactly `noise_multiplier`, `sample_rate`, `steps`
+    and (when the run declared it) `max_grad_norm`. `dataset` is the dataset's
+    budget right after the charge.
+    """
+
+    run_id: str | None
+    index: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float | None
+    sampling: str
+    beyond_plan: bool
+    ledger_seq: int | None
+    expires_at: datetime | None
+    dataset: Dataset
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @property
+    def epsilon_spent(self) -> float:
+        """The dataset's ε spent after this epoch's charge."""
+        return self.dataset.epsilon_spent
+
+    @property
+    def epsilon_cap(self) -> float:
+        """The dataset's ε cap."""
+        return self.dataset.epsilon_cap
+
+    @property
+    def epsilon_reserved(self) -> float:
+        """The dataset's ε of charges plus holds after this epoch."""
+        return self.dataset.epsilon_reserved
+
+    @classmethod
+    def from_json(cls, obj: object) -> Epoch:
+        """Read an Epoch body."""
+        b = _Body(obj, "Epoch")
+        return cls(
+            run_id=b.opt_text("run_id"),
+            index=b.integer("epoch"),
+            noise_multiplier=b.number("noise_multiplier"),
+            sample_rate=b.number("sample_rate"),
+            steps=b.integer("steps"),
+            max_grad_norm=b.opt_number("max_grad_norm"),
+            sampling=b.opt_text("sampling") or "poisson",
+            beyond_plan=b.flag("beyond_plan", default=False),
+            ledger_seq=b.opt_integer("ledger_seq"),
+            expires_at=b.opt_time("expires_at"),
+            dataset=Dataset.from_json(b.opt_mapping("dataset")),
+            raw=b.obj,
+            **_dry_run_fields(b),
+        )
+
+
+@dataclass(frozen=True)
+class Release(_DryRunFields):
+    """One noisy release charged to a dataset, with the noise scale to use.
+
+    `noised_values` is set when the service added the noise itself.
+    """
+
+    id: str | None
+    dataset_id: str
+    mechanism: str
+    sensitivity: float
+    noise_scale: float
+    epsilon: float | None
+    delta: float | None
+    name: str | None
+    ledger_seq: int | None
+    noised_values: tuple[float, ...] | None
+    created_at: datetime | None
+    dataset: Dataset | None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Release:
+        """Read a Release body."""
+        b = _Body(obj, "Release")
+        values = b.opt_list("noised_values")
+        dataset = b.opt_mapping("dataset")
+        return cls(
+            id=b.opt_text("id"),
+            dataset_id=b.text("dataset_id"),
+            mechanism=b.text("mechanism"),
+            sensitivity=b.number("sensitivity"),
+            noise_scale=b.number("noise_scale"),
+            epsilon=b.opt_number("epsilon"),
+            delta=b.opt_number("delta"),
+            name=b.opt_text("name"),
+            ledger_seq=b.opt_integer("ledger_seq"),
+            noised_values=None if values is None else tuple(_floats(values, "noised_values")),
+            created_at=b.opt_time("created_at"),
+            dataset=None if dataset is None else Dataset.from_json(dataset),
+            raw=b.obj,
+            **_dry_run_fields(b),
+        )
+
+
+def _floats(values: list[Any], what: str) -> list[float]:
+    out: list[float] = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _unexpected(f"{what}: {value!r} is not a number")
+        out.append(float(value))
+    return out
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One append-only, hash-chained entry of a dataset's ledger."""
+
+    seq: int
+    dataset_id: str
+    kind: str
+    run_id: str | None
+    release_id: str | None
+    voids_seq: int | None
+    mechanism: Mapping[str, Any] | None = field(hash=False)
+    actor: str | None
+    idempotency_key: str | None
+    epsilon: float | None
+    epsilon_spent_after: float | None
+    epsilon_reserved_after: float | None
+    details: Mapping[str, Any] = field(hash=False)
+    created_at: datetime | None
+    prev_hash: str | None
+    hash: str | None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> LedgerEntry:
+        """Read an Entry body."""
+        b = _Body(obj, "Entry")
+        return cls(
+            seq=b.integer("seq"),
+            dataset_id=b.text("dataset_id"),
+            kind=b.text("kind"),
+            run_id=b.opt_text("run_id"),
+            release_id=b.opt_text("release_id"),
+            voids_seq=b.opt_integer("voids_seq"),
+            mechanism=b.opt_mapping("mechanism"),
+            actor=b.opt_text("actor"),
+            idempotency_key=b.opt_text("idempotency_key"),
+            epsilon=b.opt_number("epsilon"),
+            epsilon_spent_after=b.opt_number("epsilon_spent_after"),
+            epsilon_reserved_after=b.opt_number("epsilon_reserved_after"),
+            details=b.opt_mapping("details") or {},
+            created_at=b.opt_time("created_at"),
+            prev_hash=b.opt_text("prev_hash"),
+            hash=b.opt_text("hash"),
+            raw=b.obj,
+        )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of re-checking a dataset's hash chain and replaying its entries."""
+
+    ok: bool
+    entries: int
+    last_seq: int | None
+    last_hash: str | None
+    chain_ok: bool
+    replay_ok: bool
+    problems: tuple[Any, ...]
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> VerifyResult:
+        """Read a verify body."""
+        b = _Body(obj, "Verify")
+        return cls(
+            ok=b.flag("ok"),
+            entries=b.opt_integer("entries") or 0,
+            last_seq=b.opt_integer("last_seq"),
+            last_hash=b.opt_text("last_hash"),
+            chain_ok=b.flag("chain_ok", default=False),
+            replay_ok=b.flag("replay_ok", default=False),
+            problems=tuple(b.opt_list("problems") or ()),
+            raw=b.obj,
+        )
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record; `key` (the secret) is only set in the answer that created it."""
+
+    id: str
+    role: str
+    datasets: tuple[str, ...] | None
+    name: str | None
+    created_at: datetime | None
+    revoked_at: datetime | None
+    key: str | None = field(default=None, repr=False)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> ApiKey:
+        """Read a Key body."""
+        b = _Body(obj, "Key")
+        datasets = b.opt_list("datasets")
+        return cls(
+            id=b.text("id"),
+            role=b.text("role"),
+            datasets=None if datasets is None else tuple(str(d) for d in datasets),
+            name=b.opt_text("name"),
+            created_at=b.opt_time("created_at"),
+            revoked_at=b.opt_time("revoked_at"),
+            key=b.opt_text("key"),
+            raw=b.obj,
+        )
+
+
+@dataclass(frozen=True)
+class EpsilonEstimate:
+    """ε of a subsampled-Gaussian plan at δ, and the RDP order that gave it."""
+
+    epsilon: float
+    order: float | None
+
+    @classmethod
+    def from_json(cls, obj: object) -> EpsilonEstimate:
+        """Read the epsilon calculator's body."""
+        b = _Body(obj, "EpsilonEstimate")
+        return cls(epsilon=b.number("epsilon"), order=b.opt_number("order"))
+
+
+@dataclass(frozen=True)
+class NoiseCalibration:
+    """The smallest noise multiplier meeting a target ε, and the ε it gives."""
+
+    noise_multiplier: float
+    epsilon: float
+
+    @classmethod
+    def from_json(cls, obj: object) -> NoiseCalibration:
+        """Read the noise-multiplier calculator's body."""
+        b = _Body(obj, "NoiseCalibration")
+        return cls(noise_multiplier=b.number("noise_multiplier"), epsilon=b.number("epsilon"))
