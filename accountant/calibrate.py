@@ -19,6 +19,7 @@ from accountant._checks import FloatArray
 from accountant.orders import CALIBRATION_ORDERS
 from accountant.rdp import (
     Orders,
+    epsilon_per_order_unchecked,
     subsampled_gaussian,
     subsampled_gaussian_unchecked,
     to_epsilon,
@@ -85,9 +86,12 @@ def noise_multiplier(
 
     For speed the search runs in three exact stages: (1) a bracket on a coarse
     subset of the orders, (2) Brent on the orders near the best order there,
-    (3) one check of every other order at the answer. If any other order would
+    (3) a check of the other orders at the answer. If any other order would
     meet the target on its own, the search is redone on the whole grid, so the
     answer is the same as a whole-grid search (a subset's ε is never lower).
+    Stage (3) checks only the orders that meet the target at the coarse σ:
+    the answer is no larger than that σ and each order's ε is non-increasing
+    in σ, so no other order can meet it at the answer.
     """
     target = _checks.positive("target_epsilon", target_epsilon)
     d = _checks.open_probability("delta", delta)
@@ -96,20 +100,34 @@ def noise_multiplier(
     grid = _checks.orders(orders)
 
     def excess_on(subset: FloatArray) -> Callable[[float], float]:
-        return lambda log_sigma: _plan_epsilon(math.exp(log_sigma), d, q, k, subset)[0] - target
+        # Memoised: the bracketing and Brent's method evaluate the same points again.
+        seen: dict[float, float] = {}
+
+        def excess(log_sigma: float) -> float:
+            if log_sigma not in seen:
+                seen[log_sigma] = _plan_epsilon(math.exp(log_sigma), d, q, k, subset)[0] - target
+            return seen[log_sigma]
+
+        return excess
 
     log_coarse = _smallest_meeting(
         excess_on(_spread(grid, _COARSE_ORDERS)), "target_epsilon", target, rtol=_COARSE_RTOL
     )
-    best = _plan_epsilon(math.exp(log_coarse), d, q, k, grid)[1]
-    window = grid[(grid >= best / _WINDOW) & (grid <= best * _WINDOW)]
+    curve = subsampled_gaussian_unchecked(q, math.exp(log_coarse), k, grid)
+    per_order = epsilon_per_order_unchecked(curve, d, grid)
+    best = grid[int(np.argmin(per_order))]
+    in_window = (grid >= best / _WINDOW) & (grid <= best * _WINDOW)
     # ε on the window at σ_coarse equals the whole grid's (the best order is inside),
     # which is ≤ ε on the coarse subset ≤ target: σ_coarse brackets from above.
     log_sigma = _smallest_meeting(
-        excess_on(window), "target_epsilon", target, start=log_coarse, step=2 * _COARSE_RTOL
+        excess_on(grid[in_window]),
+        "target_epsilon",
+        target,
+        start=log_coarse,
+        step=2 * _COARSE_RTOL,
     )
-    outside = grid[(grid < best / _WINDOW) | (grid > best * _WINDOW)]
-    if outside.size and excess_on(outside)(log_sigma) <= 0.0:
+    others = grid[~in_window & (per_order <= target)]
+    if others.size and excess_on(others)(log_sigma) <= 0.0:
         log_sigma = _smallest_meeting(excess_on(grid), "target_epsilon", target, start=log_sigma)
     return math.exp(log_sigma)
 

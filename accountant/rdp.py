@@ -143,7 +143,7 @@ def to_epsilon(
 
 def to_epsilon_unchecked(curve: FloatArray, delta: float, grid: FloatArray) -> tuple[float, float]:
     """`to_epsilon` for arguments already validated."""
-    per_order = _epsilon_per_order(curve, delta, grid)
+    per_order = epsilon_per_order_unchecked(curve, delta, grid)
     best = int(np.argmin(per_order))
     return max(0.0, float(per_order[best])), float(grid[best])
 
@@ -153,7 +153,8 @@ def conversion_offset(delta: float, grid: FloatArray) -> FloatArray:
     return np.log1p(-1.0 / grid) - (math.log(delta) + np.log(grid)) / (grid - 1.0)
 
 
-def _epsilon_per_order(curve: FloatArray, delta: float, grid: FloatArray) -> FloatArray:
+def epsilon_per_order_unchecked(curve: FloatArray, delta: float, grid: FloatArray) -> FloatArray:
+    """ε at δ from each order on its own (their minimum is `to_epsilon`); arguments validated."""
     with np.errstate(over="ignore"):
         per_order = curve + conversion_offset(delta, grid)
     kl_zero = delta * delta + np.expm1(-curve) > 0.0
@@ -162,7 +163,7 @@ def _epsilon_per_order(curve: FloatArray, delta: float, grid: FloatArray) -> Flo
 
 def _log_expm1(x: FloatArray) -> FloatArray:
     """log(e^x - 1) for x > 0, stable for small and large x."""
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         return np.asarray(x + np.log(-np.expm1(-x)), dtype=np.float64)
 
 
@@ -210,12 +211,9 @@ def _log_a_integer(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
     i = np.arange(2, top + 1, dtype=np.float64)
     a = alphas[:, None]
     x = (i * i - i) / (2.0 * sigma * sigma)
-    # log(e^x - 1), stable for small and large x.
-    with np.errstate(over="ignore"):
-        log_expm1 = x + np.log(-np.expm1(-x))
     with np.errstate(invalid="ignore"):
         terms = _log_binomials(tuple(alphas), 2, top + 1) + i * math.log(q)
-        terms = terms + (a - i) * math.log1p(-q) + log_expm1
+        terms = terms + (a - i) * math.log1p(-q) + _log_expm1(x)
     terms = np.where(i[None, :] <= a, terms, -np.inf)
     return np.asarray(np.logaddexp(0.0, _logsumexp(terms)), dtype=np.float64)
 
