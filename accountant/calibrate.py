@@ -34,12 +34,14 @@ __all__ = [
     "noise_multiplier",
 ]
 
-# The σ search range. Below 1e-3 every RDP order overflows; above 1e6 the ε
-# floor of the order grid is reached long before.
+# The σ search range. Below 1e-3 one step costs over 5e5 nats of RDP at every
+# order; above 1e6 the ε floor of the order grid is reached long before.
 SIGMA_MIN = 1e-3
 SIGMA_MAX = 1e6
-# Brent's relative tolerance on σ; the answer is then nudged up until it meets the target.
+# The search's relative tolerance on σ (an absolute one on log σ); the answer is then
+# nudged up until it meets the target.
 _SIGMA_RTOL = 1e-7
+_BRENT_RTOL_FLOOR = 4 * float(np.finfo(np.float64).eps)  # the smallest rtol brentq accepts
 # The staged search: orders and tolerance of the coarse pass, and the window
 # (a factor either side of the coarse best order) searched exactly.
 _COARSE_ORDERS = 16
@@ -245,7 +247,8 @@ def _smallest_meeting(
             step *= 2
             if excess(low) > 0.0:
                 break
-    root = float(optimize.brentq(excess, low, high, xtol=1e-12, rtol=rtol, maxiter=200))
+    # xtol on log σ is a relative tolerance on σ, the same at every scale of σ.
+    root = float(optimize.brentq(excess, low, high, xtol=rtol, rtol=_BRENT_RTOL_FLOOR, maxiter=200))
     # brentq's answer may sit a hair below the crossing: step up until the target is met.
     nudge = 2 * rtol
     candidate = max(root, low)

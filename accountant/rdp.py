@@ -131,7 +131,7 @@ def to_epsilon(
     """(ε, α) for an RDP curve at δ, minimised over the orders.
 
     Balle, Barthe, Gaboardi, Hsu, Sato 2020, Prop. 12: (α, ρ)-RDP implies
-    (ρ + log(1-1/α) - (log δ + log α)/(α-1), δ)-DP. Where ρ ≤ -log(1-δ²), the
+    (ρ + log(1-1/α) - (log δ + log α)/(α-1), δ)-DP. Where ρ < -log(1-δ²), the
     mechanism is (0, δ)-DP outright (KL ≤ ρ and Bretagnolle–Huber, as in
     dp_accounting). Never negative, never NaN; +inf when no order gives a
     finite bound; 0 for an all-zero curve.
