@@ -8,12 +8,14 @@
 """
 
 from accountant import calibrate, exact, mechanisms, rdp
+from accountant._checks import MIN_PROBABILITY
 from accountant.filter import Filter
 from accountant.orders import CALIBRATION_ORDERS, DEFAULT_ORDERS
 
 __all__ = [
     "CALIBRATION_ORDERS",
     "DEFAULT_ORDERS",
+    "MIN_PROBABILITY",
     "Filter",
     "calibrate",
     "exact",

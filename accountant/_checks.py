@@ -19,6 +19,9 @@ FloatArray = npt.NDArray[np.float64]
 MAX_STEPS = 10**12
 MAX_ORDER = 10_000.0
 MAX_ORDERS = 1_000
+# The smallest δ and sample rate taken: below it the arithmetic leaves the normal float range
+# (δ / |orders| underflows to 0, 1 / sample_rate overflows). No real budget is anywhere near it.
+MIN_PROBABILITY = 1e-300
 
 
 def finite_real(name: str, value: object) -> float:
@@ -49,18 +52,22 @@ def non_negative(name: str, value: object) -> float:
 
 
 def sample_rate(name: str, value: object) -> float:
-    """A Poisson sampling probability in (0, 1]."""
+    """A Poisson sampling probability in [MIN_PROBABILITY, 1]."""
     result = finite_real(name, value)
     if not 0.0 < result <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    if result < MIN_PROBABILITY:
+        raise ValueError(f"{name} must be at least {MIN_PROBABILITY:g}, got {value!r}")
     return result
 
 
 def open_probability(name: str, value: object) -> float:
-    """A probability in the open interval (0, 1), such as δ."""
+    """A probability in the open interval (0, 1), such as δ, and at least MIN_PROBABILITY."""
     result = finite_real(name, value)
     if not 0.0 < result < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if result < MIN_PROBABILITY:
+        raise ValueError(f"{name} must be at least {MIN_PROBABILITY:g}, got {value!r}")
     return result
 
 

@@ -31,7 +31,7 @@ import numpy.typing as npt
 from accountant import _checks
 from accountant._checks import FloatArray
 from accountant.orders import DEFAULT_ORDERS
-from accountant.rdp import Orders, conversion_offset, to_epsilon
+from accountant.rdp import Orders, conversion_offset, to_epsilon_unchecked
 
 __all__ = ["Filter"]
 
@@ -64,7 +64,9 @@ class Filter:
 
     def epsilon(self, total_rdp: npt.ArrayLike) -> float:
         """The filter-consistent ε of a composed curve (conversion at δ/|Λ|)."""
-        return to_epsilon(total_rdp, self.delta_per_order, self.orders)[0]
+        # δ/|Λ| may be below MIN_PROBABILITY (δ itself is not): still a normal float.
+        total = _checks.rdp_curve(total_rdp, self.orders)
+        return to_epsilon_unchecked(total, self.delta_per_order, self.orders)[0]
 
     def __repr__(self) -> str:
         cap, delta, size = self.epsilon_cap, self.delta, self.orders.size

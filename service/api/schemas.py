@@ -14,6 +14,8 @@ from pydantic import (
     model_validator,
 )
 
+from accountant import MIN_PROBABILITY
+
 
 def _json_number(value: Any) -> Any:
     """Numbers must be JSON numbers: lax parsing would read `true` as 1 and "0.5" as 0.5."""
@@ -55,7 +57,7 @@ class Public(BaseModel):
 class DatasetCreate(Request):
     id: DatasetId = Field(description="1–64 characters: letters, digits, '.', '_', '-'.")
     epsilon_cap: Real = Field(ge=0, le=MAX_EPSILON)
-    delta: Real = Field(gt=0, lt=1, description="Fixed at creation.")
+    delta: Real = Field(ge=MIN_PROBABILITY, lt=1, description="Fixed at creation.")
     description: Description = ""
 
 
@@ -82,7 +84,7 @@ class DatasetPublic(Public):
 
 
 class RunCreate(Request):
-    sample_rate: Real = Field(gt=0, le=1)
+    sample_rate: Real = Field(ge=MIN_PROBABILITY, le=1)
     steps_per_epoch: Count = Field(ge=1, le=10_000_000)
     epochs: Count = Field(ge=1, le=100_000)
     target_epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
@@ -144,7 +146,7 @@ class ReleaseCreate(Request):
     mechanism: Literal["gaussian", "laplace", "pure_dp"]
     sensitivity: Real = Field(1.0, gt=0, le=1e12)
     epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
-    delta: Real | None = Field(None, gt=0, lt=1)
+    delta: Real | None = Field(None, ge=MIN_PROBABILITY, lt=1)
     noise_scale: Real | None = Field(None, gt=0, le=1e15)
     values: list[Annotated[Real, Field(ge=-1e300, le=1e300)]] | None = Field(
         None, max_length=100_000
@@ -244,10 +246,10 @@ class KeyCreated(KeyPublic):
 
 
 class EpsilonRequest(Request):
-    sample_rate: Real = Field(gt=0, le=1)
+    sample_rate: Real = Field(ge=MIN_PROBABILITY, le=1)
     noise_multiplier: Real = Field(gt=0, le=1e6)
     steps: Count = Field(ge=1, le=MAX_STEPS)
-    delta: Real = Field(gt=0, lt=1)
+    delta: Real = Field(ge=MIN_PROBABILITY, lt=1)
 
 
 class EpsilonPublic(Public):
@@ -255,10 +257,10 @@ class EpsilonPublic(Public):
 
 
 class NoiseMultiplierRequest(Request):
-    sample_rate: Real = Field(gt=0, le=1)
+    sample_rate: Real = Field(ge=MIN_PROBABILITY, le=1)
     steps: Count = Field(ge=1, le=MAX_STEPS)
     target_epsilon: Real = Field(gt=0, le=MAX_EPSILON)
-    delta: Real = Field(gt=0, lt=1)
+    delta: Real = Field(ge=MIN_PROBABILITY, lt=1)
 
 
 class NoiseMultiplierPublic(Public):
@@ -284,7 +286,10 @@ class Problem(Public):
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` documenting problem+json answers for these statuses."""
-    return {status: {"model": Problem} for status in statuses}
+    # Not `{"model": Problem}`: FastAPI would document that under the route's own media type
+    # (application/json), while every error is sent as application/problem+json.
+    content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
+    return {status: {"content": content} for status in statuses}
 
 
 class DatasetPage(Public):

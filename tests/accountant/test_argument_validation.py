@@ -19,10 +19,10 @@ ORDERS = [2.0, 4.0, 8.0]
 CURVE = [0.1, 0.2, 0.4]
 
 BAD: dict[str, list[Any]] = {
-    "probability": [0.0, -0.1, 1.0000001, math.nan, math.inf, True, "0.5", None],
+    "probability": [0.0, 5e-324, 1e-301, -0.1, 1.0000001, math.nan, math.inf, True, "0.5", None],
     "positive": [0.0, -1.0, math.nan, math.inf, -math.inf, True, None, "1", 1j],
     "non_negative": [-1.0, -1e-300, math.nan, math.inf, True, None],
-    "delta": [0.0, 1.0, -1e-5, 1.5, math.nan, math.inf, True, None],
+    "delta": [0.0, 5e-324, 1e-301, 1.0, -1e-5, 1.5, math.nan, math.inf, True, None],
     "steps": [0, -1, 1.5, math.nan, math.inf, True, False, 10**13, "10", None],
     "orders": [
         [],

@@ -239,6 +239,7 @@ NESTED_OBJECTS = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
 FORM = b"sample_rate=0.01&steps_per_epoch=10&epochs=2&noise_multiplier=5"
 FORM_TYPE = "application/x-www-form-urlencoded"
 IMPOSSIBLE_TARGET = {"sample_rate": 1.0, "steps": 10**6, "target_epsilon": 1e-9, "delta": 1e-5}
+TINY_RATE = {"sample_rate": 5e-324, "steps": 1, "target_epsilon": 5e-324, "delta": 1 - 2**-53}
 
 CASES = [
     # --- NaN and infinities.
@@ -264,6 +265,7 @@ CASES = [
     new_dataset("delta_one", delta=1),
     new_dataset("delta_negative", delta=-1e-5),
     new_dataset("delta_null", delta=None),
+    new_dataset("delta_subnormal", delta=5e-324),  # δ/|orders| underflowed to 0: was a 500
     new_dataset("unknown_field", owner="me"),
     new_dataset("description_too_long", description="x" * 2001),
     new_dataset("description_with_nul", description="a\x00b"),
@@ -305,6 +307,7 @@ CASES = [
     plan("sample_rate_negative", sample_rate=-1),
     plan("sample_rate_boolean", sample_rate=True),
     plan("sample_rate_string", sample_rate="0.01"),
+    plan("sample_rate_subnormal", sample_rate=5e-324),
     plan("steps_zero", steps_per_epoch=0),
     plan("steps_negative", steps_per_epoch=-1),
     plan("steps_1e12", steps_per_epoch=1e12),
@@ -392,8 +395,12 @@ CASES = [
     calculator("calc_delta_zero", delta=0),
     calculator("calc_delta_one", delta=1),
     calculator("calc_delta_negative", delta=-0.1),
+    calculator("calc_sample_rate_subnormal", sample_rate=5e-324),
+    calculator("calc_delta_subnormal", delta=5e-324),
     calculator("calc_unknown_field", orders=[2, 4]),
     refused("calc_target_impossible", "POST", PLAN_SIGMA, IMPOSSIBLE_TARGET, None),
+    # 1/sample_rate overflowed, and the σ search ran its series to the term limit: 16 s of CPU.
+    refused("calc_target_sample_rate_subnormal", "POST", PLAN_SIGMA, TINY_RATE, "sample_rate"),
     refused(
         "calc_target_zero", "POST", PLAN_SIGMA, {**SIGMA, "target_epsilon": 0}, "target_epsilon"
     ),

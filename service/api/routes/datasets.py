@@ -12,7 +12,7 @@ from service.api.schemas import DatasetCreate, DatasetPage, DatasetPublic, Datas
 from service.domain import datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS = problems(401, 403, 404)
+ERRORS = problems(401, 403, 404, 422)
 
 
 @router.post(
@@ -20,7 +20,7 @@ ERRORS = problems(401, 403, 404)
     status_code=201,
     response_model=DatasetPublic,
     operation_id="create_dataset",
-    responses=problems(401, 403, 404, 409),
+    responses=problems(400, 401, 403, 404, 409, 413, 415, 422),
 )
 def create_dataset(
     body: DatasetCreate,
@@ -58,7 +58,7 @@ def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Data
     "/{dataset_id}",
     response_model=DatasetPublic,
     operation_id="update_dataset",
-    responses=problems(401, 403, 404, 422),
+    responses=problems(400, 401, 403, 404, 413, 415, 422),
 )
 def update_dataset(
     dataset_id: str,

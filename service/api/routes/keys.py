@@ -12,11 +12,15 @@ from service.api.schemas import KeyCreate, KeyCreated, KeyPage, KeyPublic, probl
 from service.domain import keys
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-ERRORS = problems(401, 403, 404)
+ERRORS = problems(401, 403, 404, 422)
 
 
 @router.post(
-    "", status_code=201, response_model=KeyCreated, operation_id="create_key", responses=ERRORS
+    "",
+    status_code=201,
+    response_model=KeyCreated,
+    operation_id="create_key",
+    responses=problems(400, 401, 403, 404, 413, 415, 422),
 )
 def create_key(
     body: KeyCreate,

@@ -26,7 +26,7 @@ from service.domain import datasets
 from service.storage.models import ENTRY_KINDS, LedgerEntry
 
 router = APIRouter(prefix="/v1/datasets/{dataset_id}/ledger", tags=["ledger"])
-ERRORS = problems(401, 403, 404)
+ERRORS = problems(401, 403, 404, 422)
 Kind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]
 
 CSV_COLUMNS = (
@@ -120,7 +120,7 @@ def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Ve
     status_code=201,
     response_model=EntryPublic,
     operation_id="void_charge",
-    responses=problems(401, 403, 404, 409),
+    responses=problems(400, 401, 403, 404, 409, 413, 415, 422),
 )
 def void_charge(
     dataset_id: str,

@@ -31,7 +31,7 @@ from service.settings import Settings
 
 DRY_RUN: dict[str, Any] = {"model": DryRunPublic, "description": "A dry run's answer."}
 router = APIRouter(tags=["runs"])
-ERRORS = problems(401, 403, 404)
+ERRORS = problems(401, 403, 404, 422)
 REFUSALS = problems(401, 403, 404, 409, 422)
 
 
@@ -40,7 +40,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     status_code=201,
     response_model=RunWithDataset,
     operation_id="create_run",
-    responses={**REFUSALS, 200: DRY_RUN},
+    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), 200: DRY_RUN},
 )
 def create_run(
     dataset_id: str,
