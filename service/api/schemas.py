@@ -310,3 +310,11 @@ class EntryPage(Public):
 class KeyPage(Public):
     data: list[KeyPublic]
     has_more: bool
+
+
+# The answers routes document, defined once: every route that reads or acts on a resource
+# (no key, wrong role, not found or out of scope, bad parameters); a dry run's 200.
+READ_ERRORS = problems(401, 403, 404, 422)
+DRY_RUN: dict[int | str, dict[str, Any]] = {
+    200: {"model": DryRunPublic, "description": "A dry run's answer."}
+}

@@ -8,11 +8,17 @@ from fastapi.responses import JSONResponse
 from service.api import render
 from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
 from service.api.responses import respond
-from service.api.schemas import DatasetCreate, DatasetPage, DatasetPublic, DatasetUpdate, problems
+from service.api.schemas import (
+    READ_ERRORS,
+    DatasetCreate,
+    DatasetPage,
+    DatasetPublic,
+    DatasetUpdate,
+    problems,
+)
 from service.domain import datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS = problems(401, 403, 404, 422)
 
 
 @router.post(
@@ -35,7 +41,7 @@ def create_dataset(
     return respond(datasets.create(db, principal, spec, render.dataset, scope))
 
 
-@router.get("", response_model=DatasetPage, operation_id="list_datasets", responses=ERRORS)
+@router.get("", response_model=DatasetPage, operation_id="list_datasets", responses=READ_ERRORS)
 def list_datasets(
     db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
 ) -> DatasetPage:
@@ -47,7 +53,7 @@ def list_datasets(
 
 
 @router.get(
-    "/{dataset_id}", response_model=DatasetPublic, operation_id="get_dataset", responses=ERRORS
+    "/{dataset_id}", response_model=DatasetPublic, operation_id="get_dataset", responses=READ_ERRORS
 )
 def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> DatasetPublic:
     """A dataset's cap and composed ε (spent, reserved, remaining)."""

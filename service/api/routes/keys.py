@@ -8,11 +8,10 @@ from fastapi.responses import JSONResponse
 from service.api import render
 from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
 from service.api.responses import respond
-from service.api.schemas import KeyCreate, KeyCreated, KeyPage, KeyPublic, problems
+from service.api.schemas import READ_ERRORS, KeyCreate, KeyCreated, KeyPage, KeyPublic, problems
 from service.domain import keys
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-ERRORS = problems(401, 403, 404, 422)
 
 
 @router.post(
@@ -43,7 +42,7 @@ def create_key(
     return respond(outcome)
 
 
-@router.get("", response_model=KeyPage, operation_id="list_keys", responses=ERRORS)
+@router.get("", response_model=KeyPage, operation_id="list_keys", responses=READ_ERRORS)
 def list_keys(
     db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
 ) -> KeyPage:
@@ -52,7 +51,9 @@ def list_keys(
     return KeyPage.model_validate({"data": data, "has_more": more})
 
 
-@router.delete("/{key_id}", response_model=KeyPublic, operation_id="revoke_key", responses=ERRORS)
+@router.delete(
+    "/{key_id}", response_model=KeyPublic, operation_id="revoke_key", responses=READ_ERRORS
+)
 def revoke_key(key_id: str, db: DatabaseDep, principal: CurrentKey) -> KeyPublic:
     """Revoke a key: it is refused from the next request on."""
     return KeyPublic.model_validate(keys.revoke_key(db, principal, key_id, render.key))

@@ -16,6 +16,7 @@ from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limi
 from service.api.responses import respond
 from service.api.schemas import (
     MAX_SEQ,
+    READ_ERRORS,
     EntryPage,
     EntryPublic,
     VerifyPublic,
@@ -26,7 +27,6 @@ from service.domain import datasets
 from service.storage.models import ENTRY_KINDS, LedgerEntry
 
 router = APIRouter(prefix="/v1/datasets/{dataset_id}/ledger", tags=["ledger"])
-ERRORS = problems(401, 403, 404, 422)
 Kind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]
 
 CSV_COLUMNS = (
@@ -76,7 +76,7 @@ def _json(entries: Iterator[LedgerEntry]) -> Iterator[str]:
     "",
     response_model=EntryPage,
     operation_id="list_ledger",
-    responses={**ERRORS, 200: {"content": {"text/csv": {}}}},
+    responses={**READ_ERRORS, 200: {"content": {"text/csv": {}}}},
 )
 def list_ledger(
     dataset_id: str,
@@ -108,7 +108,9 @@ def list_ledger(
     return EntryPage.model_validate({"data": [render.entry(r) for r in rows], "has_more": more})
 
 
-@router.get("/verify", response_model=VerifyPublic, operation_id="verify_ledger", responses=ERRORS)
+@router.get(
+    "/verify", response_model=VerifyPublic, operation_id="verify_ledger", responses=READ_ERRORS
+)
 def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> VerifyPublic:
     """Recompute the hash chain and replay the curves against the dataset's cached state."""
     result = datasets.verify(db, principal, dataset_id)

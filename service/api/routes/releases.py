@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api import render
 from service.api.deps import CurrentKey, DatabaseDep, DryRun, IdempotencyKeyHeader, idempotency
 from service.api.responses import respond
-from service.api.schemas import DryRunPublic, ReleaseCreate, ReleasePublic, problems
+from service.api.schemas import DRY_RUN, ReleaseCreate, ReleasePublic, problems
 from service.domain import releases
 
-DRY_RUN: dict[str, Any] = {"model": DryRunPublic, "description": "A dry run's answer."}
 router = APIRouter(tags=["releases"])
 
 
@@ -22,7 +19,7 @@ router = APIRouter(tags=["releases"])
     status_code=201,
     response_model=ReleasePublic,
     operation_id="create_release",
-    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), 200: DRY_RUN},
+    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), **DRY_RUN},
 )
 def create_release(
     dataset_id: str,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -18,7 +18,8 @@ from service.api.deps import (
 )
 from service.api.responses import respond
 from service.api.schemas import (
-    DryRunPublic,
+    DRY_RUN,
+    READ_ERRORS,
     EpochPublic,
     RunCreate,
     RunPage,
@@ -29,9 +30,7 @@ from service.api.schemas import (
 from service.domain import runs
 from service.settings import Settings
 
-DRY_RUN: dict[str, Any] = {"model": DryRunPublic, "description": "A dry run's answer."}
 router = APIRouter(tags=["runs"])
-ERRORS = problems(401, 403, 404, 422)
 REFUSALS = problems(401, 403, 404, 409, 422)
 
 
@@ -40,7 +39,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     status_code=201,
     response_model=RunWithDataset,
     operation_id="create_run",
-    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), 200: DRY_RUN},
+    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), **DRY_RUN},
 )
 def create_run(
     dataset_id: str,
@@ -80,7 +79,7 @@ def create_run(
     "/v1/datasets/{dataset_id}/runs",
     response_model=RunPage,
     operation_id="list_runs",
-    responses=ERRORS,
+    responses=READ_ERRORS,
 )
 def list_runs(
     dataset_id: str,
@@ -95,7 +94,9 @@ def list_runs(
     return RunPage.model_validate({"data": [render.run(r) for r in rows], "has_more": more})
 
 
-@router.get("/v1/runs/{run_id}", response_model=RunPublic, operation_id="get_run", responses=ERRORS)
+@router.get(
+    "/v1/runs/{run_id}", response_model=RunPublic, operation_id="get_run", responses=READ_ERRORS
+)
 def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
     """A run."""
     return RunPublic.model_validate(render.run(runs.get(db, principal, run_id)))
@@ -106,7 +107,7 @@ def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
     status_code=201,
     response_model=EpochPublic,
     operation_id="reserve_epoch",
-    responses={**REFUSALS, 200: DRY_RUN},
+    responses={**REFUSALS, **DRY_RUN},
 )
 def reserve_epoch(
     run_id: str,
