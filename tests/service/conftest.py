@@ -16,10 +16,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from accountant import exact
 from service.app import create_app
+from service.domain.budget import Budget
 from service.settings import Settings
 from service.storage import migrate
 from service.storage.database import Database
+from service.storage.models import Dataset
 
 ADMIN_KEY = "test-admin-" + secrets.token_hex(8)
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,3 +146,30 @@ def live_server(migrated_url: str, tmp_path: Path) -> Iterator[LiveServer]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def cached_budget(database: Database, dataset_id: str) -> Budget:
+    """The dataset's cached posted and pending curves, read straight from the database."""
+    with database.read() as session:
+        row = session.get(Dataset, dataset_id)
+        assert row is not None
+        return Budget.of(row)
+
+
+def replay_units(entries: list[dict[str, Any]], size: int) -> tuple[list[int], list[int]]:
+    """(posted, pending) units replayed here from exported entries by kind, independently of
+    the service's own replay."""
+    posted, pending = [0] * size, [0] * size
+    for entry in entries:
+        units = entry["units"]
+        if entry["kind"] == "hold":
+            pending = exact.add(pending, units)
+        elif entry["kind"] == "charge":
+            posted = exact.add(posted, units)
+            if entry["details"].get("from_hold"):
+                pending = exact.subtract(pending, units)
+        elif entry["kind"] == "release_hold":
+            pending = exact.subtract(pending, units)
+        elif entry["kind"] == "void":
+            posted = exact.subtract(posted, units)
+    return posted, pending

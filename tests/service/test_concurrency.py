@@ -23,10 +23,8 @@ import httpx
 
 from accountant import Filter, exact
 from accountant.mechanisms import Gaussian, Laplace, SubsampledGaussian
-from service.domain.budget import Budget
 from service.storage.database import Database
-from service.storage.models import Dataset
-from tests.service.conftest import ADMIN_KEY, Api, LiveServer
+from tests.service.conftest import ADMIN_KEY, Api, LiveServer, cached_budget, replay_units
 
 THREADS = 32
 REQUESTS_PER_THREAD = 12
@@ -309,25 +307,10 @@ def test_concurrent_traffic_never_overspends(live_server: LiveServer, database: 
     assert active == all_runs - {run_id for run_id, _ in won} - {lapsing_id}
 
     # Independently: replay the entries' units by kind and compare with the cached curves.
-    with database.read() as session:
-        row = session.get(Dataset, DATASET)
-        assert row is not None
-        budget = Budget.of(row)
+    budget = cached_budget(database, DATASET)
     orders = budget.orders
     zero = [0] * len(orders)
-    posted, pending = list(zero), list(zero)
-    for entry in entries:
-        units = entry["units"]
-        if entry["kind"] == "hold":
-            pending = exact.add(pending, units)
-        elif entry["kind"] == "charge":
-            posted = exact.add(posted, units)
-            if entry["details"].get("from_hold"):
-                pending = exact.subtract(pending, units)
-        elif entry["kind"] == "release_hold":
-            pending = exact.subtract(pending, units)
-        elif entry["kind"] == "void":
-            posted = exact.subtract(posted, units)
+    posted, pending = replay_units(entries, len(orders))
     assert budget.posted == posted
     assert budget.pending == pending
 

@@ -38,10 +38,9 @@ from sqlalchemy import select
 
 from accountant import Filter, exact
 from accountant.mechanisms import Gaussian, Laplace, SubsampledGaussian
-from service.domain.budget import Budget
 from service.storage.database import Database
-from service.storage.models import Dataset, IdempotencyRecord
-from tests.service.conftest import ADMIN_KEY, ROOT, Api, free_port
+from service.storage.models import IdempotencyRecord
+from tests.service.conftest import ADMIN_KEY, ROOT, Api, cached_budget, free_port, replay_units
 
 SEED = 20261123
 # Workers of each server in turn: the first three are killed, the last one is checked.
@@ -401,25 +400,10 @@ def _check_ledger(admin: Api, database: Database, calls: list[Call]) -> None:
     assert verified["entries"] == verified["last_seq"] == len(entries)
 
     # Independently: replay the entries' units by kind, and compare with the cached curves.
-    with database.read() as session:
-        row = session.get(Dataset, DATASET)
-        assert row is not None
-        budget = Budget.of(row)
+    budget = cached_budget(database, DATASET)
     orders = budget.orders
     zero = [0] * len(orders)
-    posted, pending = list(zero), list(zero)
-    for entry in entries:
-        units = entry["units"]
-        if entry["kind"] == "hold":
-            pending = exact.add(pending, units)
-        elif entry["kind"] == "charge":
-            posted = exact.add(posted, units)
-            if entry["details"].get("from_hold"):
-                pending = exact.subtract(pending, units)
-        elif entry["kind"] == "release_hold":
-            pending = exact.subtract(pending, units)
-        elif entry["kind"] == "void":
-            posted = exact.subtract(posted, units)
+    posted, pending = replay_units(entries, len(orders))
     assert budget.posted == posted
     assert budget.pending == pending == zero
     # ... and with what the acknowledged requests cost, from the accountant alone.

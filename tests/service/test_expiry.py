@@ -17,7 +17,7 @@ from accountant import exact
 from service.domain.budget import Budget
 from service.storage.database import Database
 from service.storage.models import Dataset, Run
-from tests.service.conftest import Api
+from tests.service.conftest import Api, cached_budget
 
 POLL_SECONDS, DEADLINE_SECONDS = 0.05, 15.0
 PLAN: dict[str, Any] = {
@@ -99,10 +99,7 @@ def test_a_lapsed_lease_gives_back_the_unspent_hold(api: Api, database: Database
     assert _ledger(api, "d") == entries
     assert api.get("/v1/datasets/d/ledger/verify").json()["ok"] is True
 
-    with database.read() as session:
-        row = session.get(Dataset, "d")
-        assert row is not None
-        budget = Budget.of(row)
+    budget = cached_budget(database, "d")
     assert budget.posted == per_epoch
     assert budget.pending == [0] * len(budget.orders)
 
