@@ -285,11 +285,15 @@ class Problem(Public):
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting problem+json answers for these statuses."""
+    """OpenAPI `responses` documenting problem+json answers for these statuses, and for 503.
+
+    Every route that uses this authenticates its caller against the database, so any of
+    them answers 503 `service_unavailable` while the database is unreachable.
+    """
     # Not `{"model": Problem}`: FastAPI would document that under the route's own media type
     # (application/json), while every error is sent as application/problem+json.
     content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
-    return {status: {"content": content} for status in statuses}
+    return {status: {"content": content} for status in (*statuses, 503)}
 
 
 class DatasetPage(Public):
