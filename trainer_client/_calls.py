@@ -1,11 +1,11 @@
-"""Every API call of docs/api.md as a `Call` value, shared by the sync and async clients."""
+"""Every API call of docs/api.md as data (`Call`, a listing as `Pages`), for both clients."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from trainer_client._http import Call, segment
+from trainer_client._http import Call, Pages, segment
 
 
 def _fields(**fields: Any) -> dict[str, Any]:
@@ -38,9 +38,11 @@ def get_dataset(dataset_id: str) -> Call:
     return Call("GET", f"/v1/datasets/{segment(dataset_id)}")
 
 
-def list_datasets(*, limit: int, after: str | None) -> Call:
-    """GET /v1/datasets (one page)."""
-    return Call("GET", "/v1/datasets", params={"limit": limit, "after": after})
+def list_datasets(*, limit: int) -> Pages:
+    """GET /v1/datasets, page by page (cursor: the last dataset's id)."""
+    return Pages(
+        lambda after: Call("GET", "/v1/datasets", params={"limit": limit, "after": after}), "id"
+    )
 
 
 def update_dataset(
@@ -100,12 +102,12 @@ def get_run(run_id: str) -> Call:
     return Call("GET", f"/v1/runs/{segment(run_id)}")
 
 
-def list_runs(dataset_id: str, *, status: str | None, limit: int, after: str | None) -> Call:
-    """GET /v1/datasets/{id}/runs (one page)."""
-    return Call(
-        "GET",
-        f"/v1/datasets/{segment(dataset_id)}/runs",
-        params={"status": status, "limit": limit, "after": after},
+def list_runs(dataset_id: str, *, status: str | None, limit: int) -> Pages:
+    """GET /v1/datasets/{id}/runs, page by page (cursor: the last run's id)."""
+    path = f"/v1/datasets/{segment(dataset_id)}/runs"
+    return Pages(
+        lambda after: Call("GET", path, params={"status": status, "limit": limit, "after": after}),
+        "id",
     )
 
 
@@ -166,13 +168,18 @@ def create_release(
 
 def list_ledger(
     dataset_id: str, *, kind: str | None, run_id: str | None, limit: int, after: int | None
-) -> Call:
-    """GET /v1/datasets/{id}/ledger (one page)."""
-    return Call(
-        "GET",
-        f"/v1/datasets/{segment(dataset_id)}/ledger",
-        params={"kind": kind, "run_id": run_id, "limit": limit, "after": after},
-    )
+) -> Pages:
+    """GET /v1/datasets/{id}/ledger, page by page from `after` (cursor: the last entry's seq)."""
+
+    def call_after(cursor: int | None) -> Call:
+        start = after if cursor is None else cursor
+        return Call(
+            "GET",
+            f"/v1/datasets/{segment(dataset_id)}/ledger",
+            params={"kind": kind, "run_id": run_id, "limit": limit, "after": start},
+        )
+
+    return Pages(call_after, "seq")
 
 
 def ledger_csv(dataset_id: str, *, kind: str | None, run_id: str | None) -> Call:
@@ -211,9 +218,11 @@ def create_key(
     return Call("POST", "/v1/keys", body=body, idempotency_key=idempotency_key)
 
 
-def list_keys(*, limit: int, after: str | None) -> Call:
-    """GET /v1/keys (one page)."""
-    return Call("GET", "/v1/keys", params={"limit": limit, "after": after})
+def list_keys(*, limit: int) -> Pages:
+    """GET /v1/keys, page by page (cursor: the last key's id)."""
+    return Pages(
+        lambda after: Call("GET", "/v1/keys", params={"limit": limit, "after": after}), "id"
+    )
 
 
 def revoke_key(key_id: str) -> Call:
@@ -224,39 +233,25 @@ def revoke_key(key_id: str) -> Call:
 # Accountant ------------------------------------------------------------------------------
 
 
-def epsilon(
-    *,
-    sample_rate: float,
-    noise_multiplier: float,
-    steps: int,
-    delta: float,
-    idempotency_key: str | None,
-) -> Call:
-    """POST /v1/accountant/epsilon."""
+def epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> Call:
+    """POST /v1/accountant/epsilon (a calculation: its Idempotency-Key is always a fresh one)."""
     body = {
         "sample_rate": sample_rate,
         "noise_multiplier": noise_multiplier,
         "steps": steps,
         "delta": delta,
     }
-    return Call("POST", "/v1/accountant/epsilon", body=body, idempotency_key=idempotency_key)
+    return Call("POST", "/v1/accountant/epsilon", body=body)
 
 
 def noise_multiplier(
-    *,
-    sample_rate: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    idempotency_key: str | None,
+    *, sample_rate: float, steps: int, target_epsilon: float, delta: float
 ) -> Call:
-    """POST /v1/accountant/noise-multiplier."""
+    """POST /v1/accountant/noise-multiplier (a calculation, like `epsilon`)."""
     body = {
         "sample_rate": sample_rate,
         "steps": steps,
         "target_epsilon": target_epsilon,
         "delta": delta,
     }
-    return Call(
-        "POST", "/v1/accountant/noise-multiplier", body=body, idempotency_key=idempotency_key
-    )
+    return Call("POST", "/v1/accountant/noise-multiplier", body=body)

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -64,6 +64,18 @@ class Call:
     idempotency_key: str | None = None
     accept: str = "application/json"
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pages:
+    """A paginated listing as data: the call for the page after a cursor, and the cursor's field.
+
+    `call_after(None)` fetches the first page; each next page is fetched with
+    the `cursor_key` field of the last item of the page before.
+    """
+
+    call_after: Callable[[Any], Call]
+    cursor_key: str
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,33 @@ def should_retry_status(method: str, status: int) -> bool:
     if status < 500:
         return False
     return method in _SAFE_TO_RESEND_ANYWHERE or status == 503
+
+
+def retry_wait(
+    policy: RetryPolicy,
+    request: httpx.Request,
+    retry: int,
+    outcome: httpx.Response | httpx.TransportError,
+) -> float | None:
+    """Seconds to wait before retry number `retry` (0-based) after `outcome`; None: do not retry.
+
+    `outcome` is the answer to the last attempt or the failure that left it
+    without one. A retry that is going to happen is logged here.
+    """
+    if retry >= policy.max_retries:
+        return None
+    if isinstance(outcome, httpx.Response):
+        if not should_retry_status(request.method, outcome.status_code):
+            return None
+        wait = policy.delay(retry, retry_after_seconds(outcome))
+        what = str(outcome.status_code)
+    else:
+        if not should_retry_exception(request.method, outcome):
+            return None
+        wait = policy.delay(retry)
+        what = type(outcome).__name__
+    log_retry(request, what, retry, wait)
+    return wait
 
 
 def retry_after_seconds(response: httpx.Response) -> float | None:

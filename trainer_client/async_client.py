@@ -1,29 +1,31 @@
 """The asynchronous twin: `AsyncLedgerClient` and `AsyncRun`, the sync surface with `await`.
 
 Everything that decides what to send, when to retry and what an answer means
-is shared with the sync client (`trainer_client._http`, `trainer_client._calls`);
+is shared with the sync client (`trainer_client._http`, `trainer_client._calls`),
+and so are the clients' and runs' state and properties (`trainer_client._base`);
 see `LedgerClient` and `Run` for the full story of each method.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from trainer_client import _calls, _http
-from trainer_client._http import Call, RetryPolicy
-from trainer_client.client import (
+from trainer_client._base import (
     DEFAULT_PAGE_SIZE,
     EPOCH_REFUSALS,
-    _noised_values,
+    ClientBase,
+    RunBase,
     default_headers,
+    noised_values,
     resolve_api_key,
 )
+from trainer_client._http import Call, Pages
 from trainer_client.errors import LedgerError, RunNotActive
 from trainer_client.models import (
     ApiKey,
@@ -40,7 +42,7 @@ from trainer_client.models import (
 __all__ = ["AsyncLedgerClient", "AsyncRun"]
 
 
-class AsyncLedgerClient:
+class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
     """The async twin of `LedgerClient` (``async with AsyncLedgerClient(url, key) as client:``).
 
     Same arguments, same retries and idempotency keys, same exceptions;
@@ -58,17 +60,13 @@ class AsyncLedgerClient:
         backoff: float = 0.25,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url
-        self.retry_policy = RetryPolicy(max_retries=max_retries, backoff=backoff)
+        super().__init__(base_url, max_retries=max_retries, backoff=backoff)
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=default_headers(resolve_api_key(api_key)),
             timeout=timeout,
             transport=transport,
         )
-
-    def __repr__(self) -> str:
-        return f"AsyncLedgerClient({self.base_url!r})"
 
     async def __aenter__(self) -> AsyncLedgerClient:
         return self
@@ -85,53 +83,38 @@ class AsyncLedgerClient:
         """Close the underlying connections."""
         await self._http.aclose()
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`aclose` was called."""
-        return self._http.is_closed
-
     async def _send(self, call: Call) -> httpx.Response:
         """Send `call`, retrying per the retry policy; raise the mapped error on failure."""
         request = _http.build_request(self._http, call)
-        policy = self.retry_policy
         retry = 0
         while True:
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
-                if retry < policy.max_retries and _http.should_retry_exception(call.method, exc):
-                    wait = policy.delay(retry)
-                    _http.log_retry(request, type(exc).__name__, retry, wait)
-                    await _http.async_sleep(wait)
-                    retry += 1
-                    continue
-                raise _http.transport_failure(request, exc, retry + 1) from exc
-            if retry < policy.max_retries and _http.should_retry_status(
-                call.method, response.status_code
-            ):
-                wait = policy.delay(retry, _http.retry_after_seconds(response))
-                _http.log_retry(request, str(response.status_code), retry, wait)
+                wait = _http.retry_wait(self.retry_policy, request, retry, exc)
+                if wait is None:
+                    raise _http.transport_failure(request, exc, retry + 1) from exc
+            else:
+                wait = _http.retry_wait(self.retry_policy, request, retry, response)
+                if wait is None:
+                    _http.raise_for_status(response, retry + 1)
+                    return response
                 await response.aclose()
-                await _http.async_sleep(wait)
-                retry += 1
-                continue
-            _http.raise_for_status(response, retry + 1)
-            return response
+            await _http.async_sleep(wait)
+            retry += 1
 
     async def _json(self, call: Call) -> Any:
         return _http.json_of(await self._send(call))
 
-    async def _paginate(
-        self, call_for: Callable[[Any], Call], cursor_key: str
-    ) -> AsyncIterator[Any]:
+    async def _paginate(self, pages: Pages) -> AsyncIterator[Any]:
         after: Any = None
         while True:
-            items, has_more = _http.page(await self._json(call_for(after)))
+            items, has_more = _http.page(await self._json(pages.call_after(after)))
             for item in items:
                 yield item
             if not has_more or not items:
                 return
-            after = items[-1][cursor_key]
+            after = items[-1][pages.cursor_key]
 
     # Datasets -----------------------------------------------------------------------------
 
@@ -141,9 +124,7 @@ class AsyncLedgerClient:
 
     async def datasets(self, *, page_size: int = 100) -> AsyncIterator[Dataset]:
         """Every dataset this key may see, fetching pages as the iteration goes."""
-        async for item in self._paginate(
-            lambda after: _calls.list_datasets(limit=page_size, after=after), "id"
-        ):
+        async for item in self._paginate(_calls.list_datasets(limit=page_size)):
             yield Dataset.from_json(item)
 
     async def create_dataset(
@@ -256,10 +237,8 @@ class AsyncLedgerClient:
         self, dataset_id: str, *, status: str | None = None, page_size: int = 100
     ) -> AsyncIterator[RunRecord]:
         """Every run of a dataset (optionally only those with `status`), page by page."""
-        async for item in self._paginate(
-            lambda after: _calls.list_runs(dataset_id, status=status, limit=page_size, after=after),
-            "id",
-        ):
+        pages = _calls.list_runs(dataset_id, status=status, limit=page_size)
+        async for item in self._paginate(pages):
             yield RunRecord.from_json(item)
 
     async def _reserve_epoch(
@@ -327,7 +306,7 @@ class AsyncLedgerClient:
             dry_run=False,
             idempotency_key=idempotency_key,
         )
-        return _noised_values(Release.from_json(await self._json(call)))
+        return noised_values(Release.from_json(await self._json(call)))
 
     # Ledger -------------------------------------------------------------------------------
 
@@ -341,14 +320,10 @@ class AsyncLedgerClient:
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> AsyncIterator[LedgerEntry]:
         """Every ledger entry of a dataset in `seq` order (after `after`), page by page."""
-
-        def call_for(cursor: Any) -> Call:
-            start = after if cursor is None else cursor
-            return _calls.list_ledger(
-                dataset_id, kind=kind, run_id=run_id, limit=page_size, after=start
-            )
-
-        async for item in self._paginate(call_for, "seq"):
+        pages = _calls.list_ledger(
+            dataset_id, kind=kind, run_id=run_id, limit=page_size, after=after
+        )
+        async for item in self._paginate(pages):
             yield LedgerEntry.from_json(item)
 
     async def ledger_csv(
@@ -386,9 +361,7 @@ class AsyncLedgerClient:
 
     async def keys(self, *, page_size: int = 100) -> AsyncIterator[ApiKey]:
         """Every API key's record (admin), page by page."""
-        async for item in self._paginate(
-            lambda after: _calls.list_keys(limit=page_size, after=after), "id"
-        ):
+        async for item in self._paginate(_calls.list_keys(limit=page_size)):
             yield ApiKey.from_json(item)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
@@ -402,11 +375,7 @@ class AsyncLedgerClient:
     ) -> EpsilonEstimate:
         """ε at `delta` of `steps` Poisson-subsampled Gaussian steps."""
         call = _calls.epsilon(
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            delta=delta,
-            idempotency_key=None,
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta
         )
         return EpsilonEstimate.from_json(await self._json(call))
 
@@ -415,16 +384,12 @@ class AsyncLedgerClient:
     ) -> NoiseCalibration:
         """The smallest σ whose `steps` subsampled Gaussian steps are (target_epsilon, δ)-DP."""
         call = _calls.noise_multiplier(
-            sample_rate=sample_rate,
-            steps=steps,
-            target_epsilon=target_epsilon,
-            delta=delta,
-            idempotency_key=None,
+            sample_rate=sample_rate, steps=steps, target_epsilon=target_epsilon, delta=delta
         )
         return NoiseCalibration.from_json(await self._json(call))
 
 
-class AsyncRun:
+class AsyncRun(RunBase[AsyncLedgerClient]):
     """The async twin of `Run`: ``async with run:`` and ``async for epoch in run:``.
 
     Endings are recorded as for `Run`, with one difference: Python closes an
@@ -434,97 +399,13 @@ class AsyncRun:
     ``async with run:``.
     """
 
-    def __init__(self, client: AsyncLedgerClient, record: RunRecord) -> None:
-        if record.id is None:
-            raise ValueError("a run needs a run id (a dry run's record has none)")
-        self._client = client
-        self._id: str = record.id
-        self.record = record
-        self.last_epoch: Epoch | None = None
-        self.stopped_reason: LedgerError | None = None
-        self._finished = record.status != "active"
-        self._in_context = False
-        self._iterating = False
-
-    def __repr__(self) -> str:
-        return (
-            f"AsyncRun(id={self.id!r}, dataset_id={self.dataset_id!r}, status={self.status!r}, "
-            f"epochs_charged={self.epochs_charged}/{self.epochs})"
-        )
-
-    @property
-    def id(self) -> str:
-        """The run's id."""
-        return self._id
-
-    @property
-    def dataset_id(self) -> str:
-        """The dataset the run is charged to."""
-        return self.record.dataset_id
-
-    @property
-    def noise_multiplier(self) -> float:
-        """σ for every step of every planned epoch."""
-        return self.record.noise_multiplier
-
-    @property
-    def epsilon(self) -> float:
-        """The whole plan's own ε at the dataset's δ."""
-        return self.record.epsilon
-
-    @property
-    def sample_rate(self) -> float:
-        """The Poisson sampling rate q the plan is accounted for."""
-        return self.record.sample_rate
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Steps per epoch in the plan."""
-        return self.record.steps_per_epoch
-
-    @property
-    def epochs(self) -> int:
-        """Planned epochs (what iterating the run goes through)."""
-        return self.record.epochs
-
-    @property
-    def max_grad_norm(self) -> float | None:
-        """The clipping norm the run declared, if any."""
-        return self.record.max_grad_norm
-
-    @property
-    def sampling(self) -> str:
-        """``"poisson"`` or ``"shuffle"``."""
-        return self.record.sampling
-
-    @property
-    def status(self) -> str:
-        """The run's status as last seen."""
-        return self.record.status
-
-    @property
-    def epochs_charged(self) -> int:
-        """Epochs charged so far (as last seen)."""
-        if self.last_epoch is not None and not self.last_epoch.dry_run:
-            return max(self.last_epoch.index, self.record.epochs_charged)
-        return self.record.epochs_charged
-
-    @property
-    def finished(self) -> bool:
-        """Whether the run is known to be over."""
-        return self._finished
-
     async def reserve_epoch(self, *, idempotency_key: str | None = None) -> Epoch:
         """Charge the next epoch and get its σ (raises on refusal, unlike the loop)."""
-        try:
+        with self._over_if_not_active():
             epoch = await self._client._reserve_epoch(
                 self.id, dry_run=False, idempotency_key=idempotency_key
             )
-        except RunNotActive:
-            self._finished = True
-            raise
-        self.last_epoch = epoch
-        return epoch
+        return self._reserved(epoch)
 
     async def preview_epoch(self) -> Epoch:
         """A dry run of :meth:`reserve_epoch`."""
@@ -540,50 +421,37 @@ class AsyncRun:
 
     async def refresh(self) -> RunRecord:
         """Fetch the run's record again."""
-        self.record = RunRecord.from_json(await self._client._json(_calls.get_run(self.id)))
-        self._finished = self.record.status != "active"
-        return self.record
+        record = RunRecord.from_json(await self._client._json(_calls.get_run(self.id)))
+        return self._refreshed(record)
 
     async def _finish(self, how: str, idempotency_key: str | None) -> RunRecord:
-        try:
-            self.record = await self._client._finish_run(self.id, how, idempotency_key)
-        except RunNotActive:
-            self._finished = True
-            raise
-        self._finished = True
-        return self.record
+        with self._over_if_not_active():
+            record = await self._client._finish_run(self.id, how, idempotency_key)
+        return self._ended(record)
 
     async def _stop(self, refusal: LedgerError) -> None:
-        self.stopped_reason = refusal
-        if self._finished:
-            return
-        with contextlib.suppress(RunNotActive):  # already over (expired): nothing to release
-            await self.abort()
+        """End the loop on a refused epoch: remember why and release the hold."""
+        if self._refused(refusal):
+            with contextlib.suppress(RunNotActive):  # already over (expired): nothing to release
+                await self.abort()
 
     async def _abort_quietly(self) -> None:
-        if self._finished or self._client.closed:
+        """Abort while the async generator is being closed (best effort)."""
+        if not self._may_abort_on_close():
             return
         try:
             await self.abort()
         except RunNotActive:
             pass
         except Exception as exc:  # the event loop may be shutting down around us
-            warnings.warn(
-                f"could not abort run {self.id} ({exc}); its hold is released when its lease "
-                "expires",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._warn_abort_failed(exc)
 
     def __aiter__(self) -> AsyncIterator[Epoch]:
         return self.iterate()
 
     async def iterate(self, epochs: int | None = None) -> AsyncIterator[Epoch]:
         """Reserve and yield epochs until `epochs` in total are charged (default: the plan)."""
-        total = self.epochs if epochs is None else epochs
-        if self._iterating:
-            raise RuntimeError(f"run {self.id} is already being iterated")
-        self._iterating = True
+        total = self._start_iterating(epochs)
         try:
             while self.epochs_charged < total:
                 try:
@@ -611,15 +479,10 @@ class AsyncRun:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._in_context = False
-        if self._finished:
+        if not self._leave_context():
             return
         if exc is None:
             await self.complete()
             return
-        try:
+        with self._abort_failure_noted_on(exc):
             await self.abort()
-        except RunNotActive:
-            pass
-        except LedgerError as abort_error:
-            exc.add_note(f"trainer_client: aborting run {self.id} failed too: {abort_error}")

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from trainer_client import _calls, _http
-from trainer_client._http import Call, RetryPolicy
-from trainer_client.errors import (
-    BudgetExhausted,
-    DatasetFrozen,
-    LedgerError,
-    RunNotActive,
+from trainer_client._base import (
+    DEFAULT_PAGE_SIZE,
+    EPOCH_REFUSALS,
+    ClientBase,
+    RunBase,
+    default_headers,
+    noised_values,
+    resolve_api_key,
 )
+from trainer_client._http import Call, Pages
+from trainer_client.errors import LedgerError, RunNotActive
 from trainer_client.models import (
     ApiKey,
     Dataset,
@@ -31,28 +33,11 @@ from trainer_client.models import (
     VerifyResult,
 )
 
+# DEFAULT_PAGE_SIZE, resolve_api_key and default_headers stay importable from here.
 __all__ = ["EPOCH_REFUSALS", "LedgerClient", "Run"]
 
-#: The answers to an epoch reservation that end a run's loop cleanly (not as an error).
-EPOCH_REFUSALS: tuple[type[LedgerError], ...] = (BudgetExhausted, RunNotActive, DatasetFrozen)
 
-DEFAULT_PAGE_SIZE = 500
-
-
-def resolve_api_key(api_key: str | None) -> str:
-    """`api_key`, or the LEDGER_API_KEY environment variable."""
-    key = api_key if api_key is not None else os.environ.get("LEDGER_API_KEY")
-    if not key:
-        raise ValueError("an API key is required: pass api_key= or set LEDGER_API_KEY")
-    return key
-
-
-def default_headers(api_key: str) -> dict[str, str]:
-    """Headers sent with every request."""
-    return {"Authorization": f"Bearer {api_key}", "User-Agent": _http.USER_AGENT}
-
-
-class LedgerClient:
+class LedgerClient(ClientBase[httpx.Client]):
     """A connection to the privacy ledger (docs/api.md), for trainers, auditors and admins.
 
     Use it as a context manager (``with LedgerClient(url, key) as client:``)
@@ -75,17 +60,13 @@ class LedgerClient:
         backoff: float = 0.25,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url
-        self.retry_policy = RetryPolicy(max_retries=max_retries, backoff=backoff)
+        super().__init__(base_url, max_retries=max_retries, backoff=backoff)
         self._http = httpx.Client(
             base_url=base_url,
             headers=default_headers(resolve_api_key(api_key)),
             timeout=timeout,
             transport=transport,
         )
-
-    def __repr__(self) -> str:
-        return f"LedgerClient({self.base_url!r})"
 
     def __enter__(self) -> LedgerClient:
         return self
@@ -102,52 +83,39 @@ class LedgerClient:
         """Close the underlying connections."""
         self._http.close()
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._http.is_closed
-
     # The one place requests are sent ------------------------------------------------------
 
     def _send(self, call: Call) -> httpx.Response:
         """Send `call`, retrying per the retry policy; raise the mapped error on failure."""
         request = _http.build_request(self._http, call)
-        policy = self.retry_policy
         retry = 0
         while True:
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                if retry < policy.max_retries and _http.should_retry_exception(call.method, exc):
-                    wait = policy.delay(retry)
-                    _http.log_retry(request, type(exc).__name__, retry, wait)
-                    _http.sleep(wait)
-                    retry += 1
-                    continue
-                raise _http.transport_failure(request, exc, retry + 1) from exc
-            if retry < policy.max_retries and _http.should_retry_status(
-                call.method, response.status_code
-            ):
-                wait = policy.delay(retry, _http.retry_after_seconds(response))
-                _http.log_retry(request, str(response.status_code), retry, wait)
+                wait = _http.retry_wait(self.retry_policy, request, retry, exc)
+                if wait is None:
+                    raise _http.transport_failure(request, exc, retry + 1) from exc
+            else:
+                wait = _http.retry_wait(self.retry_policy, request, retry, response)
+                if wait is None:
+                    _http.raise_for_status(response, retry + 1)
+                    return response
                 response.close()
-                _http.sleep(wait)
-                retry += 1
-                continue
-            _http.raise_for_status(response, retry + 1)
-            return response
+            _http.sleep(wait)
+            retry += 1
 
     def _json(self, call: Call) -> Any:
         return _http.json_of(self._send(call))
 
-    def _paginate(self, call_for: Callable[[Any], Call], cursor_key: str) -> Iterator[Any]:
+    def _paginate(self, pages: Pages) -> Iterator[Any]:
         after: Any = None
         while True:
-            items, has_more = _http.page(self._json(call_for(after)))
+            items, has_more = _http.page(self._json(pages.call_after(after)))
             yield from items
             if not has_more or not items:
                 return
-            after = items[-1][cursor_key]
+            after = items[-1][pages.cursor_key]
 
     # Datasets -----------------------------------------------------------------------------
 
@@ -157,9 +125,7 @@ class LedgerClient:
 
     def datasets(self, *, page_size: int = 100) -> Iterator[Dataset]:
         """Every dataset this key may see, fetching pages as the iteration goes."""
-        for item in self._paginate(
-            lambda after: _calls.list_datasets(limit=page_size, after=after), "id"
-        ):
+        for item in self._paginate(_calls.list_datasets(limit=page_size)):
             yield Dataset.from_json(item)
 
     def create_dataset(
@@ -282,10 +248,7 @@ class LedgerClient:
         self, dataset_id: str, *, status: str | None = None, page_size: int = 100
     ) -> Iterator[RunRecord]:
         """Every run of a dataset (optionally only those with `status`), page by page."""
-        for item in self._paginate(
-            lambda after: _calls.list_runs(dataset_id, status=status, limit=page_size, after=after),
-            "id",
-        ):
+        for item in self._paginate(_calls.list_runs(dataset_id, status=status, limit=page_size)):
             yield RunRecord.from_json(item)
 
     def _reserve_epoch(self, run_id: str, *, dry_run: bool, idempotency_key: str | None) -> Epoch:
@@ -362,7 +325,7 @@ class LedgerClient:
             dry_run=False,
             idempotency_key=idempotency_key,
         )
-        return _noised_values(Release.from_json(self._json(call)))
+        return noised_values(Release.from_json(self._json(call)))
 
     # Ledger -------------------------------------------------------------------------------
 
@@ -376,14 +339,10 @@ class LedgerClient:
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> Iterator[LedgerEntry]:
         """Every ledger entry of a dataset in `seq` order (after `after`), page by page."""
-
-        def call_for(cursor: Any) -> Call:
-            start = after if cursor is None else cursor
-            return _calls.list_ledger(
-                dataset_id, kind=kind, run_id=run_id, limit=page_size, after=start
-            )
-
-        for item in self._paginate(call_for, "seq"):
+        pages = _calls.list_ledger(
+            dataset_id, kind=kind, run_id=run_id, limit=page_size, after=after
+        )
+        for item in self._paginate(pages):
             yield LedgerEntry.from_json(item)
 
     def ledger_csv(
@@ -421,9 +380,7 @@ class LedgerClient:
 
     def keys(self, *, page_size: int = 100) -> Iterator[ApiKey]:
         """Every API key's record (admin), page by page."""
-        for item in self._paginate(
-            lambda after: _calls.list_keys(limit=page_size, after=after), "id"
-        ):
+        for item in self._paginate(_calls.list_keys(limit=page_size)):
             yield ApiKey.from_json(item)
 
     def revoke_key(self, key_id: str) -> ApiKey:
@@ -437,11 +394,7 @@ class LedgerClient:
     ) -> EpsilonEstimate:
         """ε at `delta` of `steps` Poisson-subsampled Gaussian steps (the ledger's accountant)."""
         call = _calls.epsilon(
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=steps,
-            delta=delta,
-            idempotency_key=None,
+            sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps, delta=delta
         )
         return EpsilonEstimate.from_json(self._json(call))
 
@@ -450,25 +403,12 @@ class LedgerClient:
     ) -> NoiseCalibration:
         """The smallest σ whose `steps` subsampled Gaussian steps are (target_epsilon, δ)-DP."""
         call = _calls.noise_multiplier(
-            sample_rate=sample_rate,
-            steps=steps,
-            target_epsilon=target_epsilon,
-            delta=delta,
-            idempotency_key=None,
+            sample_rate=sample_rate, steps=steps, target_epsilon=target_epsilon, delta=delta
         )
         return NoiseCalibration.from_json(self._json(call))
 
 
-def _noised_values(release: Release) -> list[float]:
-    if release.noised_values is None:
-        raise LedgerError(
-            "unexpected response: a release with values came back without noised_values",
-            code="unexpected_response",
-        )
-    return list(release.noised_values)
-
-
-class Run:
+class Run(RunBase[LedgerClient]):
     """A live DP-SGD run: iterate it to reserve each epoch just before training it.
 
     ::
@@ -498,88 +438,6 @@ class Run:
     out stay charged (the ledger cannot know whether you used them).
     """
 
-    def __init__(self, client: LedgerClient, record: RunRecord) -> None:
-        if record.id is None:
-            raise ValueError("a Run needs a run id (a dry run's record has none)")
-        self._client = client
-        self._id: str = record.id
-        self.record = record
-        self.last_epoch: Epoch | None = None
-        self.stopped_reason: LedgerError | None = None
-        self._finished = record.status != "active"
-        self._in_context = False
-        self._iterating = False
-
-    def __repr__(self) -> str:
-        return (
-            f"Run(id={self.id!r}, dataset_id={self.dataset_id!r}, status={self.status!r}, "
-            f"epochs_charged={self.epochs_charged}/{self.epochs})"
-        )
-
-    # The plan, as the ledger fixed it ------------------------------------------------------
-
-    @property
-    def id(self) -> str:
-        """The run's id."""
-        return self._id
-
-    @property
-    def dataset_id(self) -> str:
-        """The dataset the run is charged to."""
-        return self.record.dataset_id
-
-    @property
-    def noise_multiplier(self) -> float:
-        """σ for every step of every planned epoch."""
-        return self.record.noise_multiplier
-
-    @property
-    def epsilon(self) -> float:
-        """The whole plan's own ε at the dataset's δ."""
-        return self.record.epsilon
-
-    @property
-    def sample_rate(self) -> float:
-        """The Poisson sampling rate q the plan is accounted for."""
-        return self.record.sample_rate
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Steps per epoch in the plan."""
-        return self.record.steps_per_epoch
-
-    @property
-    def epochs(self) -> int:
-        """Planned epochs (what iterating the run goes through)."""
-        return self.record.epochs
-
-    @property
-    def max_grad_norm(self) -> float | None:
-        """The clipping norm the run declared, if any."""
-        return self.record.max_grad_norm
-
-    @property
-    def sampling(self) -> str:
-        """``"poisson"`` or ``"shuffle"``."""
-        return self.record.sampling
-
-    @property
-    def status(self) -> str:
-        """The run's status as last seen: active, completed, aborted or expired."""
-        return self.record.status
-
-    @property
-    def epochs_charged(self) -> int:
-        """Epochs charged so far (as last seen)."""
-        if self.last_epoch is not None and not self.last_epoch.dry_run:
-            return max(self.last_epoch.index, self.record.epochs_charged)
-        return self.record.epochs_charged
-
-    @property
-    def finished(self) -> bool:
-        """Whether the run is known to be over (completed, aborted, expired)."""
-        return self._finished
-
     # Manual control --------------------------------------------------------------------------
 
     def reserve_epoch(self, *, idempotency_key: str | None = None) -> Epoch:
@@ -588,15 +446,11 @@ class Run:
         Beyond the planned epochs this is charged only if the dataset's filter
         admits it (else `BudgetExhausted`).
         """
-        try:
+        with self._over_if_not_active():
             epoch = self._client._reserve_epoch(
                 self.id, dry_run=False, idempotency_key=idempotency_key
             )
-        except RunNotActive:
-            self._finished = True
-            raise
-        self.last_epoch = epoch
-        return epoch
+        return self._reserved(epoch)
 
     def preview_epoch(self) -> Epoch:
         """A dry run of :meth:`reserve_epoch`: the epoch it would charge, or its refusal."""
@@ -612,42 +466,29 @@ class Run:
 
     def refresh(self) -> RunRecord:
         """Fetch the run's record again."""
-        self.record = RunRecord.from_json(self._client._json(_calls.get_run(self.id)))
-        self._finished = self.record.status != "active"
-        return self.record
+        return self._refreshed(RunRecord.from_json(self._client._json(_calls.get_run(self.id))))
 
     def _finish(self, how: str, idempotency_key: str | None) -> RunRecord:
-        try:
-            self.record = self._client._finish_run(self.id, how, idempotency_key)
-        except RunNotActive:
-            self._finished = True
-            raise
-        self._finished = True
-        return self.record
+        with self._over_if_not_active():
+            record = self._client._finish_run(self.id, how, idempotency_key)
+        return self._ended(record)
 
     def _stop(self, refusal: LedgerError) -> None:
         """End the loop on a refused epoch: remember why and release the hold."""
-        self.stopped_reason = refusal
-        if self._finished:
-            return
-        with contextlib.suppress(RunNotActive):  # already over (expired): nothing to release
-            self.abort()
+        if self._refused(refusal):
+            with contextlib.suppress(RunNotActive):  # already over (expired): nothing to release
+                self.abort()
 
     def _abort_quietly(self) -> None:
         """Abort while a generator is being closed, where raising would be swallowed anyway."""
-        if self._finished or self._client.closed:
+        if not self._may_abort_on_close():
             return
         try:
             self.abort()
         except RunNotActive:
             pass
         except Exception as exc:  # raising here would only print "Exception ignored in"
-            warnings.warn(
-                f"could not abort run {self.id} ({exc}); its hold is released when its lease "
-                "expires",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._warn_abort_failed(exc)
 
     # The loop ---------------------------------------------------------------------------------
 
@@ -661,10 +502,7 @@ class Run:
         filter admits; the first refusal ends the loop cleanly (see the class
         docstring for how each ending is recorded).
         """
-        total = self.epochs if epochs is None else epochs
-        if self._iterating:
-            raise RuntimeError(f"run {self.id} is already being iterated")
-        self._iterating = True
+        total = self._start_iterating(epochs)
         try:
             while self.epochs_charged < total:
                 try:
@@ -695,15 +533,10 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._in_context = False
-        if self._finished:
+        if not self._leave_context():
             return
         if exc is None:
             self.complete()
             return
-        try:
+        with self._abort_failure_noted_on(exc):
             self.abort()
-        except RunNotActive:
-            pass
-        except LedgerError as abort_error:
-            exc.add_note(f"trainer_client: aborting run {self.id} failed too: {abort_error}")
