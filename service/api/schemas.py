@@ -284,8 +284,14 @@ class Problem(Public):
     code: str
 
 
-def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting problem+json answers for these statuses, and for 503.
+# What every route that takes a JSON body may also answer: not JSON (400), too large (413),
+# not application/json (415), invalid (422).
+_BODY_STATUSES = (400, 413, 415, 422)
+
+
+def problems(*statuses: int, body: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting problem+json answers for these statuses, and for 503
+    (with `body`, for the statuses of a bad JSON body too).
 
     Every route that uses this authenticates its caller against the database, so any of
     them answers 503 `service_unavailable` while the database is unreachable.
@@ -293,7 +299,8 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     # Not `{"model": Problem}`: FastAPI would document that under the route's own media type
     # (application/json), while every error is sent as application/problem+json.
     content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
-    return {status: {"content": content} for status in (*statuses, 503)}
+    every = {*statuses, 503, *(_BODY_STATUSES if body else ())}
+    return {status: {"content": content} for status in sorted(every)}
 
 
 class DatasetPage(Public):

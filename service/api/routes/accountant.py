@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1/accountant", tags=["accountant"])
     "/epsilon",
     response_model=EpsilonPublic,
     operation_id="plan_epsilon",
-    responses=problems(400, 401, 413, 415, 422),
+    responses=problems(401, body=True),
 )
 def plan_epsilon(body: EpsilonRequest, _: CurrentKey) -> EpsilonPublic:
     """ε at δ of a DP-SGD plan on its own (Poisson-subsampled Gaussian, RDP)."""
@@ -35,7 +35,7 @@ def plan_epsilon(body: EpsilonRequest, _: CurrentKey) -> EpsilonPublic:
     "/noise-multiplier",
     response_model=NoiseMultiplierPublic,
     operation_id="plan_noise_multiplier",
-    responses=problems(400, 401, 413, 415, 422),
+    responses=problems(401, body=True),
 )
 def plan_noise_multiplier(body: NoiseMultiplierRequest, _: CurrentKey) -> NoiseMultiplierPublic:
     """The smallest σ for which the plan alone is (target_epsilon, δ)-DP."""

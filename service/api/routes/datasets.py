@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     status_code=201,
     response_model=DatasetPublic,
     operation_id="create_dataset",
-    responses=problems(400, 401, 403, 404, 409, 413, 415, 422),
+    responses=problems(401, 403, 404, 409, body=True),
 )
 def create_dataset(
     body: DatasetCreate,
@@ -64,7 +64,7 @@ def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Data
     "/{dataset_id}",
     response_model=DatasetPublic,
     operation_id="update_dataset",
-    responses=problems(400, 401, 403, 404, 413, 415, 422),
+    responses=problems(401, 403, 404, body=True),
 )
 def update_dataset(
     dataset_id: str,

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
     status_code=201,
     response_model=KeyCreated,
     operation_id="create_key",
-    responses=problems(400, 401, 403, 404, 413, 415, 422),
+    responses=problems(401, 403, 404, body=True),
 )
 def create_key(
     body: KeyCreate,

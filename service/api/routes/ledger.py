@@ -122,7 +122,7 @@ def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Ve
     status_code=201,
     response_model=EntryPublic,
     operation_id="void_charge",
-    responses=problems(400, 401, 403, 404, 409, 413, 415, 422),
+    responses=problems(401, 403, 404, 409, body=True),
 )
 def void_charge(
     dataset_id: str,

@@ -19,7 +19,7 @@ router = APIRouter(tags=["releases"])
     status_code=201,
     response_model=ReleasePublic,
     operation_id="create_release",
-    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), **DRY_RUN},
+    responses={**problems(401, 403, 404, 409, body=True), **DRY_RUN},
 )
 def create_release(
     dataset_id: str,

@@ -39,7 +39,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     status_code=201,
     response_model=RunWithDataset,
     operation_id="create_run",
-    responses={**problems(400, 401, 403, 404, 409, 413, 415, 422), **DRY_RUN},
+    responses={**problems(401, 403, 404, 409, body=True), **DRY_RUN},
 )
 def create_run(
     dataset_id: str,
