@@ -1,4 +1,9 @@
-"""A dataset's budget state in memory: its filter and its posted/pending curves."""
+"""A dataset's budget state in memory: its filter and its posted/pending curves.
+
+The conversions are memoised on their exact integer inputs: an admission asks
+for the same figures more than once (for its ledger entry and for its answer),
+and every epoch of a run, or release of one kind, has the same curve.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,21 @@ Units = list[int]
 def cap_filter(epsilon_cap: float, delta: float, orders: tuple[float, ...]) -> Filter:
     """The dataset's filter (cached: budgets depend only on cap, δ and the grid)."""
     return Filter(epsilon_cap, delta, orders)
+
+
+@lru_cache(maxsize=1024)
+def _units(mechanism: Mechanism, orders: tuple[float, ...]) -> tuple[int, ...]:
+    return tuple(exact.to_units(mechanism.rdp(orders)))
+
+
+@lru_cache(maxsize=1024)
+def _filter_epsilon(filter_: Filter, units: tuple[int, ...]) -> float:
+    return filter_.epsilon(exact.to_curve(units))
+
+
+@lru_cache(maxsize=1024)
+def _own_epsilon(delta: float, orders: tuple[float, ...], units: tuple[int, ...]) -> float:
+    return to_epsilon(exact.to_curve(units), delta, orders)[0]
 
 
 def dumps_units(units: Units) -> str:
@@ -57,20 +77,20 @@ class Budget:
 
     def units_of(self, mechanism: Mechanism) -> Units:
         """The mechanism's curve on this dataset's grid, in exact units (rounded up)."""
-        return exact.to_units(mechanism.rdp(self.orders))
+        return list(_units(mechanism, self.orders))
 
     def epsilon_spent(self) -> float:
         """Filter ε of the posted charges."""
-        return self.filter.epsilon(exact.to_curve(self.posted))
+        return _filter_epsilon(self.filter, tuple(self.posted))
 
     def epsilon_reserved(self) -> float:
         """Filter ε of posted charges plus pending holds."""
-        return self.filter.epsilon(exact.to_curve(exact.add(self.posted, self.pending)))
+        return _filter_epsilon(self.filter, tuple(exact.add(self.posted, self.pending)))
 
     def epsilon_with(self, cost: Units) -> float:
         """Filter ε the dataset would reach with `cost` added."""
         total = exact.add(exact.add(self.posted, self.pending), cost)
-        return self.filter.epsilon(exact.to_curve(total))
+        return _filter_epsilon(self.filter, tuple(total))
 
     def admits(self, cost: Units) -> bool:
         """Whether the filter admits `cost` on top of everything posted and pending."""
@@ -80,7 +100,7 @@ class Budget:
 
     def own_epsilon(self, cost: Units) -> float:
         """A cost's own ε at the dataset's δ (not a filter figure)."""
-        return to_epsilon(exact.to_curve(cost), self.filter.delta, self.orders)[0]
+        return _own_epsilon(self.filter.delta, self.orders, tuple(cost))
 
     def hold(self, cost: Units) -> None:
         """Add a hold."""

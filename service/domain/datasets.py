@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from accountant import DEFAULT_ORDERS
@@ -18,7 +18,7 @@ from service.domain.errors import Conflict, NotFound
 from service.domain.keys import Principal
 from service.domain.transactions import Body, Idempotency, Outcome, write
 from service.storage.database import Database
-from service.storage.models import Dataset, LedgerEntry, Run, utcnow
+from service.storage.models import Dataset, LedgerEntry, utcnow
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,10 @@ class DatasetView:
     updated_at: datetime
 
 
-def view(session: Session, dataset: Dataset, budget: Budget | None = None) -> DatasetView:
+def view(dataset: Dataset, budget: Budget | None = None) -> DatasetView:
     """The caller-facing view of a dataset row."""
     budget = budget or Budget.of(dataset)
     reserved = budget.epsilon_reserved()
-    active = session.execute(
-        select(func.count())
-        .select_from(Run)
-        .where(Run.dataset_id == dataset.id, Run.status == "active")
-    ).scalar_one()
     return DatasetView(
         id=dataset.id,
         description=dataset.description,
@@ -58,7 +53,7 @@ def view(session: Session, dataset: Dataset, budget: Budget | None = None) -> Da
         epsilon_remaining=max(0.0, dataset.epsilon_cap - reserved),
         frozen=dataset.frozen,
         ledger_seq=dataset.last_seq,
-        active_runs=int(active),
+        active_runs=dataset.active_runs,
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
     )
@@ -114,6 +109,8 @@ def create(
             pending_units=dumps_units(zero),
             last_seq=0,
             last_hash=ledger.GENESIS_HASH,
+            active_runs=0,
+            lapse_check_at=None,
             created_at=now,
             updated_at=now,
         )
@@ -138,36 +135,38 @@ def create(
             ),
             now,
         )
-        return 201, render(view(session, dataset, budget))
+        return 201, render(view(dataset, budget))
 
     return write(db, operation, idempotency=idempotency)
 
 
-def refresh(db: Database, dataset_id: str) -> None:
-    """Expire lapsed holds of a dataset now (the lazy expiry on read), if it has any."""
+def refresh(db: Database, dataset_id: str) -> Dataset | None:
+    """The dataset row, its lapsed holds expired first if it may have any (the lazy expiry on
+    read); None if there is no such dataset."""
     with db.read() as session:
-        if not holds.has_lapsed(session, dataset_id, utcnow()):
-            return
+        dataset = session.get(Dataset, dataset_id)
+    if dataset is None or not holds.may_have_lapsed(dataset, utcnow()):
+        return dataset
+    refreshed: list[Dataset] = []
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
-        assert dataset is not None
-        budget = Budget.of(dataset)
-        holds.expire(session, dataset, budget, utcnow())
+    def operation(session: Session, locked: Dataset | None) -> tuple[int, Body]:
+        assert locked is not None
+        holds.expire(session, locked, Budget.of(locked), utcnow())
+        refreshed.append(locked)
         return 200, {}
 
     write(db, operation, dataset_id=dataset_id)
+    return refreshed[0]
 
 
 def get(db: Database, principal: Principal, dataset_id: str) -> DatasetView:
     """One dataset (expiring its lapsed holds first)."""
     principal.require("trainer", "auditor")
     principal.require_dataset(dataset_id)
-    refresh(db, dataset_id)
-    with db.read() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
-        return view(session, dataset)
+    dataset = refresh(db, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return view(dataset)
 
 
 def listing(
@@ -187,7 +186,7 @@ def listing(
         if principal.datasets is not None:
             statement = statement.where(Dataset.id.in_(sorted(principal.datasets)))
         rows = list(session.execute(statement).scalars())
-        return [view(session, d) for d in rows[:limit]], len(rows) > limit
+        return [view(d) for d in rows[:limit]], len(rows) > limit
 
 
 def update(
@@ -225,7 +224,7 @@ def update(
                 "description_change", principal.id, idempotency_key=key, details=details
             )
             ledger.append(session, dataset, Budget.of(dataset), entry, now)
-        return 200, render(view(session, dataset))
+        return 200, render(view(dataset))
 
     principal.require_dataset(dataset_id)
     return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
@@ -290,10 +289,8 @@ def verify(db: Database, principal: Principal, dataset_id: str) -> ledger.Verifi
 def _visible_dataset(db: Database, principal: Principal, dataset_id: str) -> None:
     principal.require("auditor")
     principal.require_dataset(dataset_id)
-    refresh(db, dataset_id)
-    with db.read() as session:
-        if session.get(Dataset, dataset_id) is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
+    if refresh(db, dataset_id) is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
 
 
 def entries_page(

@@ -3,13 +3,19 @@
 Expiry is lazy: inside the next admission transaction of the dataset, and on
 read (a read that finds lapsed holds first runs a small write transaction).
 Epochs already charged stay charged; only the unspent part is released.
+
+The dataset row keeps `active_runs` exact and `lapse_check_at` as a lower
+bound on its active runs' lease ends: a new run lowers it, a renewed lease
+leaves it (still a bound), and only when it is reached are the runs looked at
+— the lapsed ones expired and the bound set to the earliest lease left. An
+admission before the bound asks `runs` nothing.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
@@ -51,6 +57,7 @@ def release(
     budget.release(units)
     run.status = status
     run.updated_at = now
+    dataset.active_runs -= 1
     request = ledger.Append(
         "release_hold",
         actor,
@@ -63,38 +70,56 @@ def release(
     ledger.append(session, dataset, budget, request, now)
 
 
+def started(dataset: Dataset, run: Run) -> None:
+    """Count a new active run on its (locked) dataset, whose lapse bound must cover its lease."""
+    dataset.active_runs += 1
+    _cover(dataset, run.expires_at)
+
+
+def renew(dataset: Dataset, run: Run, now: datetime) -> None:
+    """Renew a run's lease from `now` (the bound still holds unless a clock went backwards)."""
+    run.expires_at = now + timedelta(seconds=run.lease_seconds)
+    run.updated_at = now
+    _cover(dataset, run.expires_at)
+
+
+def _cover(dataset: Dataset, expires_at: datetime) -> None:
+    if dataset.lapse_check_at is None or expires_at < dataset.lapse_check_at:
+        dataset.lapse_check_at = expires_at
+
+
+def may_have_lapsed(dataset: Dataset, now: datetime) -> bool:
+    """Whether a hold of the dataset may have lapsed by `now` (False: certainly none has)."""
+    return dataset.lapse_check_at is not None and dataset.lapse_check_at <= now
+
+
 def expire(session: Session, dataset: Dataset, budget: Budget, now: datetime) -> int:
-    """Expire every lapsed hold of a locked dataset; returns how many."""
+    """Expire every lapsed hold of a locked dataset; returns how many.
+
+    Looks at the runs only once the dataset's lapse bound is reached, and then
+    moves the bound to the earliest lease still running.
+    """
+    if not may_have_lapsed(dataset, now):
+        return 0
+    active = (Run.dataset_id == dataset.id, Run.status == "active")
     statement = (
         select(Run)
-        .where(Run.dataset_id == dataset.id, Run.status == "active", Run.expires_at <= now)
+        .where(*active, Run.expires_at <= now)
         .order_by(Run.expires_at, Run.id)
         .execution_options(populate_existing=True)
     )
     runs = list(session.execute(statement).scalars())
     for run in runs:
         release(session, dataset, budget, run, status="expired", actor=SYSTEM_ACTOR, now=now)
+    dataset.lapse_check_at = session.execute(
+        select(func.min(Run.expires_at)).where(*active, Run.expires_at > now)
+    ).scalar_one_or_none()
     return len(runs)
 
 
-def has_lapsed(session: Session, dataset_id: str, now: datetime) -> bool:
-    """Whether the dataset has an active run whose lease has lapsed."""
-    statement = (
-        select(Run.id)
-        .where(Run.dataset_id == dataset_id, Run.status == "active", Run.expires_at <= now)
-        .limit(1)
-    )
-    return session.execute(statement).first() is not None
-
-
 def datasets_with_lapsed(session: Session, now: datetime) -> list[str]:
-    """Ids of datasets with at least one lapsed hold."""
-    statement = (
-        select(Run.dataset_id)
-        .where(Run.status == "active", Run.expires_at <= now)
-        .distinct()
-        .order_by(Run.dataset_id)
-    )
+    """Ids of datasets that may have a lapsed hold (their lapse bound is reached)."""
+    statement = select(Dataset.id).where(Dataset.lapse_check_at <= now).order_by(Dataset.id)
     return list(session.execute(statement).scalars())
 
 

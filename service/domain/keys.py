@@ -62,7 +62,7 @@ def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> 
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != _PREFIX:
         raise Unauthorized("invalid API key")
-    with db.read() as session:
+    with db.lookup() as session:
         key = session.get(ApiKey, parts[1])
         # Compare even when the key is unknown, so timing does not tell ids apart.
         stored = key.secret_hash if key is not None else "0" * 64

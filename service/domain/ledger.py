@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from accountant import exact
 from accountant.mechanisms import Mechanism
 from service.domain.budget import Budget, dumps_units, loads_units
-from service.storage.models import Dataset, LedgerEntry
+from service.storage.models import Dataset, LedgerEntry, Run
 
 GENESIS_HASH = "0" * 64
 _VERIFY_BATCH = 2000
@@ -177,7 +177,8 @@ class Verification:
 
 
 def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Verification:
-    """Recompute every hash, check seq has no gaps, replay the curves against the cache."""
+    """Recompute every hash, check seq has no gaps, replay the curves against the cache, and
+    check the dataset's cached run count and lapse bound against its runs."""
     problems: list[str] = []
     chain_ok = True
     cached = Budget.of(dataset)
@@ -212,6 +213,16 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
     replay_ok = replayed.posted == cached.posted and replayed.pending == cached.pending
     if not replay_ok:
         problem("replaying the entries does not reproduce the cached posted/pending curves")
+    active = (Run.dataset_id == dataset.id, Run.status == "active")
+    counted, earliest = session.execute(
+        select(func.count(), func.min(Run.expires_at)).where(*active)
+    ).one()
+    if dataset.active_runs != counted:
+        problem(f"the dataset counts {dataset.active_runs} active runs; its runs say {counted}")
+    if earliest is not None and (
+        dataset.lapse_check_at is None or dataset.lapse_check_at > earliest
+    ):
+        problem("the dataset's lapse bound is later than an active run's lease end")
     ok = chain_ok and replay_ok and not problems
     return Verification(ok, count, expected_seq - 1, previous_hash, chain_ok, replay_ok, problems)
 

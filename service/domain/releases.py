@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -19,7 +20,7 @@ from accountant import calibrate
 from accountant.mechanisms import Gaussian, Laplace, Mechanism, PureDP
 from service.domain import holds, ledger
 from service.domain.datasets import DatasetView, view
-from service.domain.errors import DomainError, InvalidRequest, NotFound
+from service.domain.errors import DomainError, InvalidRequest
 from service.domain.keys import Principal
 from service.domain.runs import new_id, refusal
 from service.domain.transactions import Body, Idempotency, Outcome, rehearse, write
@@ -61,38 +62,54 @@ class ReleaseResult:
 
 def calibrate_release(spec: ReleaseSpec, dataset_delta: float) -> Calibrated:
     """Noise for the release and the mechanism charged for it; InvalidRequest if inconsistent."""
-    if (spec.epsilon is None) == (spec.noise_scale is None):
+    return _calibrated(
+        spec.mechanism,
+        spec.sensitivity,
+        spec.epsilon,
+        spec.delta,
+        spec.noise_scale,
+        spec.values is not None,
+        dataset_delta,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _calibrated(
+    mechanism: str,
+    sensitivity: float,
+    epsilon: float | None,
+    delta: float | None,
+    noise_scale: float | None,
+    has_values: bool,
+    dataset_delta: float,
+) -> Calibrated:
+    if (epsilon is None) == (noise_scale is None):
         raise InvalidRequest("give exactly one of epsilon and noise_scale")
-    sensitivity = spec.sensitivity
     try:
-        if spec.mechanism == "gaussian":
-            if spec.epsilon is not None:
-                if spec.delta is None:
+        if mechanism == "gaussian":
+            if epsilon is not None:
+                if delta is None:
                     raise InvalidRequest("a Gaussian release with epsilon needs delta")
-                sigma = calibrate.gaussian_sigma(spec.epsilon, spec.delta, sensitivity)
-                return Calibrated(Gaussian(sigma / sensitivity), sigma, spec.epsilon, spec.delta)
-            assert spec.noise_scale is not None
-            delta = spec.delta if spec.delta is not None else dataset_delta
-            epsilon = calibrate.gaussian_epsilon(spec.noise_scale, delta, sensitivity)
-            return Calibrated(
-                Gaussian(spec.noise_scale / sensitivity), spec.noise_scale, epsilon, delta
-            )
-        if spec.delta is not None:
-            raise InvalidRequest(f"delta does not apply to a {spec.mechanism} release (pure ε-DP)")
-        if spec.mechanism == "laplace":
-            if spec.epsilon is not None:
-                scale = calibrate.laplace_scale(spec.epsilon, sensitivity)
-                return Calibrated(Laplace(scale / sensitivity), scale, spec.epsilon, None)
-            assert spec.noise_scale is not None
-            epsilon = sensitivity / spec.noise_scale
-            return Calibrated(
-                Laplace(spec.noise_scale / sensitivity), spec.noise_scale, epsilon, None
-            )
+                sigma = calibrate.gaussian_sigma(epsilon, delta, sensitivity)
+                return Calibrated(Gaussian(sigma / sensitivity), sigma, epsilon, delta)
+            assert noise_scale is not None
+            used_delta = delta if delta is not None else dataset_delta
+            epsilon = calibrate.gaussian_epsilon(noise_scale, used_delta, sensitivity)
+            return Calibrated(Gaussian(noise_scale / sensitivity), noise_scale, epsilon, used_delta)
+        if delta is not None:
+            raise InvalidRequest(f"delta does not apply to a {mechanism} release (pure ε-DP)")
+        if mechanism == "laplace":
+            if epsilon is not None:
+                scale = calibrate.laplace_scale(epsilon, sensitivity)
+                return Calibrated(Laplace(scale / sensitivity), scale, epsilon, None)
+            assert noise_scale is not None
+            epsilon = sensitivity / noise_scale
+            return Calibrated(Laplace(noise_scale / sensitivity), noise_scale, epsilon, None)
         # pure_dp: any ε-DP mechanism the caller runs itself (e.g. the exponential mechanism).
-        if spec.noise_scale is not None or spec.values is not None:
+        if noise_scale is not None or has_values:
             raise InvalidRequest("a pure_dp release takes epsilon only (no noise_scale, no values)")
-        assert spec.epsilon is not None
-        return Calibrated(PureDP(spec.epsilon), None, spec.epsilon, None)
+        assert epsilon is not None
+        return Calibrated(PureDP(epsilon), None, epsilon, None)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 
@@ -125,14 +142,10 @@ def create(
     """Charge one release if the filter admits it; add the noise when values are given."""
     principal.require("trainer")
     principal.require_dataset(dataset_id)
-    with db.read() as session:
-        existing = session.get(Dataset, dataset_id)
-        if existing is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
-        calibrated = calibrate_release(spec, existing.delta)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
+        calibrated = calibrate_release(spec, dataset.delta)
         now, budget = holds.begin(session, dataset)
         units = budget.units_of(calibrated.mechanism)
         if not budget.admits(units):
@@ -173,7 +186,7 @@ def create(
         noised = (
             add_noise(spec.values, calibrated) if spec.values is not None and not dry_run else None
         )
-        return 201, render(ReleaseResult(release, noised, view(session, dataset, budget)))
+        return 201, render(ReleaseResult(release, noised, view(dataset, budget)))
 
     if dry_run:
         return rehearse(db, operation, dataset_id=dataset_id)

@@ -1,9 +1,9 @@
 """DP-SGD runs: a plan is held, each epoch is charged from the hold, the rest released.
 
-The ledger computes σ (calibration happens before the transaction: it depends
-only on the plan and the dataset's fixed δ). A plan's hold is exactly
-`epochs ×` one epoch's units, so charging every epoch drains it to zero with
-no remainder.
+The ledger computes σ (calibration depends only on the plan and the dataset's
+fixed δ, so it is memoised: a plan seen before costs nothing). A plan's hold
+is exactly `epochs ×` one epoch's units, so charging every epoch drains it to
+zero with no remainder.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -68,13 +69,25 @@ def calibrate_plan(spec: RunSpec, delta: float) -> Calibration:
     """σ from target_epsilon (or as given), and the plan's ε; InvalidRequest if impossible."""
     # Shuffled batches: an epoch is one Gaussian step of σ (no amplification), as if q = 1.
     q, steps = (1.0, 1) if spec.sampling == "shuffle" else (spec.sample_rate, spec.steps_per_epoch)
+    return _calibration(q, steps, spec.epochs, spec.target_epsilon, spec.noise_multiplier, delta)
+
+
+@lru_cache(maxsize=4096)
+def _calibration(
+    q: float,
+    steps: int,
+    epochs: int,
+    target_epsilon: float | None,
+    noise_multiplier: float | None,
+    delta: float,
+) -> Calibration:
     try:
-        if spec.target_epsilon is not None:
-            sigma = calibrate.noise_multiplier(spec.target_epsilon, delta, q, steps * spec.epochs)
+        if target_epsilon is not None:
+            sigma = calibrate.noise_multiplier(target_epsilon, delta, q, steps * epochs)
         else:
-            assert spec.noise_multiplier is not None
-            sigma = spec.noise_multiplier
-        epsilon = calibrate.dp_sgd_epsilon(sigma, delta, q, steps * spec.epochs)
+            assert noise_multiplier is not None
+            sigma = noise_multiplier
+        epsilon = calibrate.dp_sgd_epsilon(sigma, delta, q, steps * epochs)
         per_epoch = calibrate.dp_sgd_epsilon(sigma, delta, q, steps)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
@@ -117,15 +130,6 @@ def refusal(budget: Budget, dataset: Dataset, cost: list[int], what: str) -> Bud
     )
 
 
-def _dataset_delta(db: Database, principal: Principal, dataset_id: str) -> float:
-    principal.require_dataset(dataset_id)
-    with db.read() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
-        return dataset.delta
-
-
 def create(
     db: Database,
     principal: Principal,
@@ -138,10 +142,11 @@ def create(
 ) -> Outcome | tuple[Body | None, DomainError | None]:
     """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
     principal.require("trainer")
-    calibration = calibrate_plan(spec, _dataset_delta(db, principal, dataset_id))
+    principal.require_dataset(dataset_id)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
+        calibration = calibrate_plan(spec, dataset.delta)
         now, budget = holds.begin(session, dataset)
         run = Run(
             id=new_id("run"),
@@ -170,6 +175,7 @@ def create(
         if not budget.admits(plan_units):
             raise refusal(budget, dataset, plan_units, f"a plan of {spec.epochs} epochs")
         session.add(run)
+        holds.started(dataset, run)
         budget.hold(plan_units)
         request = ledger.Append(
             "hold",
@@ -187,22 +193,31 @@ def create(
             },
         )
         ledger.append(session, dataset, budget, request, now)
-        return 201, render(RunResult(run, view(session, dataset, budget)))
+        return 201, render(RunResult(run, view(dataset, budget)))
 
-    return _execute(db, operation, dataset_id, idempotency, dry_run, "plan")
+    return _execute(db, operation, idempotency, dry_run, "plan", dataset_id=dataset_id)
 
 
 def _execute(
     db: Database,
     operation: Operation,
-    dataset_id: str,
     idempotency: Idempotency | None,
     dry_run: bool,
     admission: str,
+    *,
+    dataset_id: str | None = None,
+    run_id: str | None = None,
 ) -> Outcome | tuple[Body | None, DomainError | None]:
     if dry_run:
-        return rehearse(db, operation, dataset_id=dataset_id)
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency, admission=admission)
+        return rehearse(db, operation, dataset_id=dataset_id, run_id=run_id)
+    return write(
+        db,
+        operation,
+        dataset_id=dataset_id,
+        run_id=run_id,
+        idempotency=idempotency,
+        admission=admission,
+    )
 
 
 def _run_dataset(db: Database, principal: Principal, run_id: str) -> str:
@@ -223,6 +238,12 @@ def _locked_run(session: Session, run_id: str) -> Run:
     return run
 
 
+def _require_visible(principal: Principal, dataset: Dataset, run_id: str) -> None:
+    """NotFound for a run whose dataset (locked for it) the key may not see."""
+    if not principal.sees(dataset.id):
+        raise NotFound(f"run {run_id!r} not found")
+
+
 def reserve_epoch(
     db: Database,
     principal: Principal,
@@ -234,10 +255,10 @@ def reserve_epoch(
 ) -> Outcome | tuple[Body | None, DomainError | None]:
     """Charge the run's next epoch (from its hold, or beyond the plan if the filter admits it)."""
     principal.require("trainer")
-    dataset_id = _run_dataset(db, principal, run_id)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
+        _require_visible(principal, dataset, run_id)
         # Expire first: this very run may have lapsed, and then it is not active.
         now, budget = holds.begin(session, dataset, charging=False)
         run = _locked_run(session, run_id)
@@ -253,8 +274,7 @@ def reserve_epoch(
             )
         budget.charge(units, from_hold=within_plan)
         run.epochs_charged += 1
-        run.expires_at = now + timedelta(seconds=run.lease_seconds)
-        run.updated_at = now
+        holds.renew(dataset, run, now)
         request = ledger.Append(
             "charge",
             principal.id,
@@ -266,11 +286,11 @@ def reserve_epoch(
         )
         entry = ledger.append(session, dataset, budget, request, now)
         result = EpochResult(
-            run, run.epochs_charged, not within_plan, entry.seq, view(session, dataset, budget)
+            run, run.epochs_charged, not within_plan, entry.seq, view(dataset, budget)
         )
         return 201, render(result)
 
-    return _execute(db, operation, dataset_id, idempotency, dry_run, "epoch")
+    return _execute(db, operation, idempotency, dry_run, "epoch", run_id=run_id)
 
 
 def finish(
@@ -284,10 +304,10 @@ def finish(
 ) -> Outcome:
     """Complete or abort a run, releasing what is left of its hold."""
     principal.require("trainer")
-    dataset_id = _run_dataset(db, principal, run_id)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
+        _require_visible(principal, dataset, run_id)
         now, budget = holds.begin(session, dataset, charging=False)
         run = _locked_run(session, run_id)
         if run.status != "active":
@@ -302,9 +322,9 @@ def finish(
             now=now,
             idempotency_key=idempotency.key if idempotency else None,
         )
-        return 200, render(RunResult(run, view(session, dataset, budget)))
+        return 200, render(RunResult(run, view(dataset, budget)))
 
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
+    return write(db, operation, run_id=run_id, idempotency=idempotency)
 
 
 def get(db: Database, principal: Principal, run_id: str) -> Run:

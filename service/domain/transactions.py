@@ -61,11 +61,14 @@ def write(
     operation: Operation,
     *,
     dataset_id: str | None = None,
+    run_id: str | None = None,
     idempotency: Idempotency | None = None,
     admission: str | None = None,
 ) -> Outcome:
     """Run `operation` in one write transaction, honouring `idempotency`.
 
+    The operation gets the dataset locked by `dataset_id`, or the dataset of
+    `run_id` (NotFound if there is none), or None if neither is given.
     `admission` names the decision for the metrics (plan, epoch, release).
     """
     for attempt in (1, 2):
@@ -73,11 +76,9 @@ def write(
             started = time.perf_counter()
             with db.write() as session:
                 dataset = None
-                if dataset_id is not None:
-                    dataset = db.lock_dataset(session, dataset_id)
+                if dataset_id is not None or run_id is not None:
+                    dataset = _lock(db, session, dataset_id, run_id)
                     metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-                    if dataset is None:
-                        raise NotFound(f"dataset {dataset_id!r} not found")
                 if idempotency is not None:
                     replay = _replay(session, idempotency)
                     if replay is not None:
@@ -116,8 +117,17 @@ def _counted(
     return result
 
 
+def _lock(db: Database, session: Session, dataset_id: str | None, run_id: str | None) -> Dataset:
+    dataset = db.lock_dataset(session, dataset_id, run_id=run_id)
+    if dataset is None:
+        raise NotFound(
+            f"run {run_id!r} not found" if run_id else f"dataset {dataset_id!r} not found"
+        )
+    return dataset
+
+
 def rehearse(
-    db: Database, operation: Operation, *, dataset_id: str
+    db: Database, operation: Operation, *, dataset_id: str | None = None, run_id: str | None = None
 ) -> tuple[Body | None, DomainError | None]:
     """Run `operation` as a dry run: (its body, None) if admitted, (None, refusal) if not.
 
@@ -125,9 +135,7 @@ def rehearse(
     rolled back, so the verdict is the one the real call would get now.
     """
     with db.rehearsal() as session:
-        dataset = db.lock_dataset(session, dataset_id)
-        if dataset is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
+        dataset = _lock(db, session, dataset_id, run_id)
         try:
             return operation(session, dataset)[1], None
         except (BudgetExhausted, DatasetFrozen, RunNotActive) as refusal:

@@ -87,6 +87,7 @@ class Dataset(Base):
         CheckConstraint("epsilon_cap >= 0", name="ck_datasets_cap"),
         CheckConstraint("delta > 0 AND delta < 1", name="ck_datasets_delta"),
         CheckConstraint("last_seq >= 0", name="ck_datasets_seq"),
+        CheckConstraint("active_runs >= 0", name="ck_datasets_active_runs"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -99,6 +100,10 @@ class Dataset(Base):
     pending_units: Mapped[str] = mapped_column(Text)  # JSON list of ints
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     last_hash: Mapped[str] = mapped_column(String(64))
+    # Kept with every admission, so that none has to ask `runs` (migration 0002):
+    active_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # No active run's lease ends before this (a lower bound; NULL: no active run).
+    lapse_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

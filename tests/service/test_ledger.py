@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -153,6 +154,30 @@ def test_cached_curve_drift_is_detected(api: Api, database: Database) -> None:
     verified = api.get("/v1/datasets/d/ledger/verify").json()
     assert verified["chain_ok"] is True and verified["replay_ok"] is False
     assert verified["ok"] is False
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("active_runs", 3, "the dataset counts 3 active runs; its runs say 1"),
+        ("lapse_check_at", "late", "the dataset's lapse bound is later than an active run's"),
+    ],
+)
+def test_cached_run_count_and_lapse_bound_drift_are_detected(
+    api: Api, database: Database, column: str, value: object, problem: str
+) -> None:
+    _populate(api)
+    assert api.post("/v1/datasets/d/runs", PLAN).status_code == 201  # one active run
+    assert api.get("/v1/datasets/d/ledger/verify").json()["ok"] is True
+    with database.write() as session:
+        row = session.get(Dataset, "d")
+        assert row is not None and row.lapse_check_at is not None
+        if value == "late":
+            value = row.lapse_check_at + timedelta(seconds=1)
+        setattr(row, column, value)
+    verified = api.get("/v1/datasets/d/ledger/verify").json()
+    assert verified["ok"] is False and verified["chain_ok"] is True, verified
+    assert any(p.startswith(problem) for p in verified["problems"]), verified["problems"]
 
 
 def test_void_compensates_a_charge(api: Api) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy import update
 from accountant import DEFAULT_ORDERS, Filter
 from accountant.mechanisms import Gaussian, Laplace, Mechanism, PureDP, SubsampledGaussian
 from service.storage.database import Database
-from service.storage.models import Run, utcnow
+from service.storage.models import Dataset, Run, utcnow
 from tests.service.conftest import ADMIN_KEY, LiveServer
 
 DELTA = 1e-5
@@ -180,12 +180,15 @@ def _scenario(seed: int, base: str, database: Database) -> None:
 
             elif action == "expire" and active:
                 run_id = rng.choice(active)
-                # Time passes for this run only: its lease lapses behind the API's back.
+                # Time passes for this run only: its lease lapses behind the API's back, and
+                # with it the dataset's lapse bound (kept at or before every active lease end).
+                lapsed = utcnow() - timedelta(seconds=1)
                 with database.write() as session:
+                    session.execute(update(Run).where(Run.id == run_id).values(expires_at=lapsed))
                     session.execute(
-                        update(Run)
-                        .where(Run.id == run_id)
-                        .values(expires_at=utcnow() - timedelta(seconds=1))
+                        update(Dataset)
+                        .where(Dataset.id == model.runs[run_id].dataset)
+                        .values(lapse_check_at=lapsed)
                     )
                 model.release_hold(model.runs[run_id], "expired")
 

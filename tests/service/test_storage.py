@@ -1,0 +1,146 @@
+"""What an admission asks of the database, and how the connection pool and read snapshots behave.
+
+The statement lists are the performance design in testable form (docs/benchmarks.md, "Load"):
+an admission reads and writes a fixed set of rows, whatever the dataset's history or number of
+runs — no count over `runs`, no scan for lapsed leases before one can have lapsed, no lookup
+outside the transaction but the API key's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from service.domain import ledger
+from service.storage import database as database_module
+from service.storage.database import Database
+from service.storage.models import Dataset
+from tests.service.conftest import Api
+
+PLAN = {"sample_rate": 0.01, "steps_per_epoch": 20, "epochs": 2, "noise_multiplier": 1.5}
+RELEASE = {"mechanism": "laplace", "epsilon": 0.01}
+
+
+@contextmanager
+def _statements(api: Api) -> Iterator[list[str]]:
+    """The verb and table of every statement the app sends while the block runs."""
+    database: Database = api.client.app.state.db  # type: ignore[union-attr]
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        words = statement.replace('"', "").split()
+        verb = words[0].upper()
+        if verb in ("BEGIN", "SAVEPOINT", "RELEASE"):
+            return
+        table = {"SELECT": "FROM", "INSERT": "INTO", "UPDATE": "UPDATE"}.get(verb)
+        seen.append(f"{verb} {words[words.index(table) + 1] if table in words else '?'}")
+
+    engines = {database.write_engine, database.read_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
+
+
+KEY = "SELECT api_keys"
+LOCK = ["SELECT datasets", "SELECT idempotency_records"]
+STORE = ["UPDATE datasets", "INSERT idempotency_records", "INSERT ledger_entries"]
+
+
+def _keyed(api: Api, path: str, body: Any, key: str) -> dict[str, Any]:
+    response = api.post(path, body, headers={"Idempotency-Key": key})
+    assert response.status_code in (200, 201), response.text
+    return dict(response.json())
+
+
+def test_admissions_touch_a_fixed_set_of_rows_whatever_the_history(api: Api) -> None:
+    api.create_dataset("d", 1000.0)
+    trainer = api.as_key(api.new_key("trainer"))
+    expected = {
+        "plan": [KEY, *LOCK, *STORE, "INSERT runs"],
+        "epoch": [KEY, *LOCK, "SELECT runs", *STORE, "UPDATE runs"],
+        "release": [KEY, *LOCK, *STORE, "INSERT releases"],
+        "complete": [KEY, *LOCK, "SELECT runs", *STORE, "UPDATE runs"],
+    }
+    for cycle in range(12):  # history grows; three runs stay active throughout
+        with _statements(trainer) as plan:
+            run = _keyed(trainer, "/v1/datasets/d/runs", PLAN, f"p{cycle}")
+        with _statements(trainer) as epoch:
+            _keyed(trainer, f"/v1/runs/{run['id']}/epochs", None, f"e{cycle}")
+        with _statements(trainer) as release:
+            _keyed(trainer, "/v1/datasets/d/releases", RELEASE, f"r{cycle}")
+        complete: list[str] = []
+        if cycle >= 3:
+            with _statements(trainer) as complete:
+                _keyed(trainer, f"/v1/runs/{run['id']}/complete", None, f"c{cycle}")
+        found = {"plan": plan, "epoch": epoch, "release": release, "complete": complete}
+        for name, statements in found.items():
+            if statements or name != "complete":
+                assert sorted(statements) == sorted(expected[name]), (cycle, name, statements)
+    assert trainer.get("/v1/datasets/d").json()["active_runs"] == 3
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_connection_dropped_while_idle_is_replaced_before_use(
+    api: Api, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.create_dataset("d", 10.0)
+
+    def drop_pooled_connections() -> None:
+        with database.write() as session:
+            session.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+
+    # Idle for longer than IDLE_PING_S: pinged at checkout, the dead connection is replaced.
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 0.0)
+    drop_pooled_connections()
+    assert api.post("/v1/datasets/d/releases", RELEASE).status_code == 201
+
+    # Back from use moments ago: not pinged, so a connection dropped meanwhile fails its
+    # request (503, nothing written); the pool is replaced and the retry succeeds.
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 3600.0)
+    drop_pooled_connections()
+    failed = api.post("/v1/datasets/d/releases", RELEASE, headers={"Idempotency-Key": "k"})
+    assert failed.status_code == 503, failed.text
+    retried = api.post("/v1/datasets/d/releases", RELEASE, headers={"Idempotency-Key": "k"})
+    assert retried.status_code == 201, retried.text
+    assert "Idempotent-Replayed" not in retried.headers
+    assert api.get("/v1/datasets/d").json()["ledger_seq"] == 3
+
+
+def test_a_read_transaction_sees_one_snapshot(api: Api, database: Database) -> None:
+    api.create_dataset("d", 10.0)
+    assert api.post("/v1/datasets/d/releases", RELEASE).status_code == 201
+    with database.read() as session:
+        dataset = session.get(Dataset, "d")
+        assert dataset is not None and dataset.last_seq == 2
+        # An admission commits between the read of the dataset and the read of its entries.
+        assert api.post("/v1/datasets/d/releases", RELEASE).status_code == 201
+        verification = ledger.verify(session, dataset)
+    assert verification.ok, verification.problems
+    assert verification.entries == 2
+
+
+def test_lookups_do_not_open_transactions(database: Database) -> None:
+    """On PostgreSQL a lookup is one statement in autocommit: no BEGIN and no ROLLBACK."""
+    sent: list[str] = []
+    with database.lookup() as session:
+        connection = session.connection()
+        dbapi = connection.connection.dbapi_connection
+        event.listen(connection, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        session.execute(text("SELECT 1"))
+        if not database.is_sqlite:
+            assert dbapi is not None and dbapi.autocommit is True
+            assert dbapi.info.transaction_status == 0  # IDLE: no transaction was begun
+    assert sent == ["SELECT 1"]
