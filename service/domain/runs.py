@@ -1,9 +1,10 @@
 """DP-SGD runs: a plan is held, each epoch is charged from the hold, the rest released.
 
-The ledger computes σ (calibration depends only on the plan and the dataset's
-fixed δ, so it is memoised: a plan seen before costs nothing). A plan's hold
-is exactly `epochs ×` one epoch's units, so charging every epoch drains it to
-zero with no remainder.
+The ledger computes σ before the transaction, so that a new plan's calibration
+(milliseconds) never holds the dataset's lock: it depends only on the plan and
+the dataset's fixed δ, and is memoised (a plan seen before costs nothing). A
+plan's hold is exactly `epochs ×` one epoch's units, so charging every epoch
+drains it to zero with no remainder.
 """
 
 from __future__ import annotations
@@ -96,6 +97,18 @@ def _calibration(
     return Calibration(sigma, epsilon, per_epoch)
 
 
+def _dataset_delta(db: Database, principal: Principal, dataset_id: str) -> float:
+    """The dataset's δ (fixed at creation), read in one statement outside any transaction."""
+    principal.require_dataset(dataset_id)
+    with db.lookup() as session:
+        delta = session.execute(
+            select(Dataset.delta).where(Dataset.id == dataset_id)
+        ).scalar_one_or_none()
+    if delta is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return float(delta)
+
+
 @dataclass(frozen=True)
 class RunResult:
     """A run and its dataset after an operation."""
@@ -142,11 +155,10 @@ def create(
 ) -> Outcome | tuple[Body | None, DomainError | None]:
     """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
     principal.require("trainer")
-    principal.require_dataset(dataset_id)
+    calibration = calibrate_plan(spec, _dataset_delta(db, principal, dataset_id))
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
-        calibration = calibrate_plan(spec, dataset.delta)
         now, budget = holds.begin(session, dataset)
         run = Run(
             id=new_id("run"),

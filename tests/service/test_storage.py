@@ -3,7 +3,8 @@
 The statement lists are the performance design in testable form (docs/benchmarks.md, "Load"):
 an admission reads and writes a fixed set of rows, whatever the dataset's history or number of
 runs — no count over `runs`, no scan for lapsed leases before one can have lapsed, no lookup
-outside the transaction but the API key's.
+outside the transaction but the API key's (and a plan's δ, so that σ is calibrated before the
+dataset is locked).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def test_admissions_touch_a_fixed_set_of_rows_whatever_the_history(api: Api) -> 
     api.create_dataset("d", 1000.0)
     trainer = api.as_key(api.new_key("trainer"))
     expected = {
-        "plan": [KEY, *LOCK, *STORE, "INSERT runs"],
+        "plan": [KEY, "SELECT datasets", *LOCK, *STORE, "INSERT runs"],  # δ, to calibrate
         "epoch": [KEY, *LOCK, "SELECT runs", *STORE, "UPDATE runs"],
         "release": [KEY, *LOCK, *STORE, "INSERT releases"],
         "complete": [KEY, *LOCK, "SELECT runs", *STORE, "UPDATE runs"],
