@@ -3,6 +3,12 @@
 SQLite (the embedded default): WAL, a busy timeout, and `BEGIN IMMEDIATE`
 for every write transaction, so writers serialise on the database lock from
 the start of the transaction (no upgrade deadlocks, across processes too).
+Writers first queue (`WriterQueue`): on a lock of their process, then on an
+exclusive flock of `<database file>-writers` shared by every process, so no
+writer waits in SQLite's busy handler, which polls with sleeps of up to
+100 ms: without the queue, under load, a writer could sleep through many
+others' commits (1 worker, 8 clients: p99 0.7 s; 49 ms with it). The kernel
+drops a killed process's flock.
 Reads use a second engine with ordinary deferred transactions, which WAL lets
 run beside a writer.
 
@@ -22,10 +28,17 @@ in use fails its request (503) and SQLAlchemy then replaces the whole pool.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, only a process's own writers queue
+    fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
@@ -59,17 +72,22 @@ class Database:
         self._writer = sessionmaker(self.write_engine, expire_on_commit=False)
         self._reader = sessionmaker(self.read_engine, expire_on_commit=False)
         self._lookup = sessionmaker(lookup_engine, expire_on_commit=False)
+        # SQLite: writers queue here (in this process, then across processes) before they ask
+        # for the database lock, so none waits in SQLite's sleeping busy handler.
+        self._queue: AbstractContextManager[Any] = (
+            WriterQueue(parsed.database) if self.is_sqlite else nullcontext()
+        )
 
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction; the caller commits. Rolled back on any exception."""
-        with self._writer() as session, session.begin():
+        with self._queue, self._writer() as session, session.begin():
             yield session
 
     @contextmanager
     def rehearsal(self) -> Iterator[Session]:
         """A write transaction that is always rolled back (dry runs: same locks, no effect)."""
-        with self._writer() as session:
+        with self._queue, self._writer() as session:
             session.begin()
             try:
                 yield session
@@ -113,6 +131,41 @@ class Database:
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
+
+
+class WriterQueue:
+    """Where SQLite writers wait their turn before `BEGIN IMMEDIATE`: a lock of the process,
+    then, for a database file, an exclusive `flock` on `<file>-writers` that the other
+    processes' writers wait on. Both wake a waiter the moment the holder is done, where SQLite's
+    busy handler would let it sleep on (up to 100 ms a try). Reentrant within a thread."""
+
+    def __init__(self, database: str | None) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._file: int | None = None
+        in_memory = not database or database == ":memory:" or database.startswith("file:")
+        self._path = None if in_memory or fcntl is None else f"{database}-writers"
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._depth += 1
+        if self._depth == 1 and self._path is not None:
+            try:
+                self._file = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+            except BaseException:
+                self._release()
+                raise
+
+    def __exit__(self, *_: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._depth == 1 and self._file is not None:
+            os.close(self._file)  # releases the flock
+            self._file = None
+        self._depth -= 1
+        self._lock.release()
 
 
 def _postgres_engine(url: str) -> Engine:

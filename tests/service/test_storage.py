@@ -9,8 +9,11 @@ dataset is locked).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -145,3 +148,36 @@ def test_lookups_do_not_open_transactions(database: Database) -> None:
             assert dbapi is not None and dbapi.autocommit is True
             assert dbapi.info.transaction_status == 0  # IDLE: no transaction was begun
     assert sent == ["SELECT 1"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sqlite_writers_queue_instead_of_polling(
+    migrated_url: str, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Each writer holds the database lock for longer than the busy timeout: polled through
+    SQLite's busy handler, the others would fail with "database is locked"; queued, every one
+    of them commits, one after another. Two `Database`s stand for two worker processes: each
+    has its own in-process lock, and they meet on the `-writers` file's flock, as processes do
+    (flock locks belong to open files, not to processes)."""
+    monkeypatch.setattr(database_module, "SQLITE_BUSY_TIMEOUT_MS", 20)
+    databases = [Database(migrated_url) for _ in range(workers)]
+    held: list[tuple[float, float]] = []
+
+    def write(database: Database) -> None:
+        with database.write() as session:
+            session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE: the lock is taken here
+            started = time.monotonic()
+            time.sleep(0.05)
+            held.append((started, time.monotonic()))
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for future in [pool.submit(write, databases[i % workers]) for i in range(8)]:
+                future.result()
+    finally:
+        for database in databases:
+            database.dispose()
+    spans = sorted(held)
+    assert len(spans) == 8
+    assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans))
