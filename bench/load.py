@@ -151,6 +151,10 @@ class Connection:
                 self.close()
         return NO_ANSWER, b""
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """GET once (no retries: the load drives POSTs; bench/cost.py times reads too)."""
+        return await self._exchange(f"GET {path} HTTP/1.1\r\n{self._head}\r\n".encode("ascii"))
+
     async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         if self._reader is None or self._writer is None:
             self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
