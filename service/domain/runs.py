@@ -238,8 +238,8 @@ def _run_dataset(db: Database, principal: Principal, run_id: str) -> str:
         dataset_id = session.execute(
             select(Run.dataset_id).where(Run.id == run_id)
         ).scalar_one_or_none()
-    if dataset_id is None or not principal.sees(dataset_id):
-        raise NotFound(f"run {run_id!r} not found")
+    _require_visible(principal, dataset_id, run_id)
+    assert dataset_id is not None
     return dataset_id
 
 
@@ -250,9 +250,10 @@ def _locked_run(session: Session, run_id: str) -> Run:
     return run
 
 
-def _require_visible(principal: Principal, dataset: Dataset, run_id: str) -> None:
-    """NotFound for a run whose dataset (locked for it) the key may not see."""
-    if not principal.sees(dataset.id):
+def _require_visible(principal: Principal, dataset_id: str | None, run_id: str) -> None:
+    """NotFound for a run that does not exist (no dataset) or whose dataset the key may not
+    see: the two answers are the same, so a key learns nothing of other datasets' runs."""
+    if dataset_id is None or not principal.sees(dataset_id):
         raise NotFound(f"run {run_id!r} not found")
 
 
@@ -270,7 +271,7 @@ def reserve_epoch(
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
-        _require_visible(principal, dataset, run_id)
+        _require_visible(principal, dataset.id, run_id)
         # Expire first: this very run may have lapsed, and then it is not active.
         now, budget = holds.begin(session, dataset, charging=False)
         run = _locked_run(session, run_id)
@@ -319,7 +320,7 @@ def finish(
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
-        _require_visible(principal, dataset, run_id)
+        _require_visible(principal, dataset.id, run_id)
         now, budget = holds.begin(session, dataset, charging=False)
         run = _locked_run(session, run_id)
         if run.status != "active":

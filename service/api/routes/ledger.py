@@ -112,7 +112,8 @@ def list_ledger(
     "/verify", response_model=VerifyPublic, operation_id="verify_ledger", responses=READ_ERRORS
 )
 def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> VerifyPublic:
-    """Recompute the hash chain and replay the curves against the dataset's cached state."""
+    """Recompute the hash chain, replay the curves against the dataset's cached state, and check
+    its cached active-run count and lease bound against its runs."""
     result = datasets.verify(db, principal, dataset_id)
     return VerifyPublic.model_validate(result, from_attributes=True)
 
