@@ -39,8 +39,11 @@ LATE_PLAN = {**PLAN, "epochs": 2}
 LAPSING_PLAN = {**PLAN, "lease_seconds": 1}
 INITIAL_RUNS = 4
 # Runs 0 and 1 are never finished, so their beyond-plan epochs meet the filter all along;
-# run 2 is completed by several threads at once as their first request.
+# run 2 is completed by several threads at once as their first request, and by no one else
+# (a random abort of it could otherwise come first, however the threads are scheduled);
+# the random completes and aborts take run 3 and the runs planned during the traffic.
 STEADY_RUNS, RACED_RUN, RACERS = 2, 2, 4
+FINISHABLE = RACED_RUN + 1
 RELEASES: list[dict[str, Any]] = [
     {"mechanism": "laplace", "sensitivity": 1.0, "epsilon": 0.05, "values": [1.0, 2.0, 3.0]},
     {"mechanism": "gaussian", "sensitivity": 1.0, "epsilon": 0.2, "delta": 1e-6, "values": [5.0]},
@@ -84,7 +87,7 @@ class RunPool:
 
     def finishable(self, rng: random.Random) -> str:
         with self._lock:
-            return rng.choice(self._ids[STEADY_RUNS:])
+            return rng.choice(self._ids[FINISHABLE:])
 
 
 @dataclass(frozen=True)
