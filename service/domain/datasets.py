@@ -140,12 +140,14 @@ def create(
     return write(db, operation, idempotency=idempotency)
 
 
-def refresh(db: Database, dataset_id: str) -> Dataset | None:
+def refresh(db: Database, dataset_id: str) -> Dataset:
     """The dataset row, its lapsed holds expired first if it may have any (the lazy expiry on
-    read); None if there is no such dataset."""
+    read); NotFound if there is no such dataset."""
     with db.read() as session:
         dataset = session.get(Dataset, dataset_id)
-    if dataset is None or not holds.may_have_lapsed(dataset, utcnow()):
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    if not holds.may_have_lapsed(dataset, utcnow()):
         return dataset
     refreshed: list[Dataset] = []
 
@@ -163,10 +165,7 @@ def get(db: Database, principal: Principal, dataset_id: str) -> DatasetView:
     """One dataset (expiring its lapsed holds first)."""
     principal.require("trainer", "auditor")
     principal.require_dataset(dataset_id)
-    dataset = refresh(db, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    return view(dataset)
+    return view(refresh(db, dataset_id))
 
 
 def listing(
@@ -289,8 +288,7 @@ def verify(db: Database, principal: Principal, dataset_id: str) -> ledger.Verifi
 def _visible_dataset(db: Database, principal: Principal, dataset_id: str) -> None:
     principal.require("auditor")
     principal.require_dataset(dataset_id)
-    if refresh(db, dataset_id) is None:
-        raise NotFound(f"dataset {dataset_id!r} not found")
+    refresh(db, dataset_id)
 
 
 def entries_page(

@@ -234,7 +234,7 @@ def _execute(
 
 def _run_dataset(db: Database, principal: Principal, run_id: str) -> str:
     """The dataset of a run visible to the key (NotFound otherwise)."""
-    with db.read() as session:
+    with db.lookup() as session:
         dataset_id = session.execute(
             select(Run.dataset_id).where(Run.id == run_id)
         ).scalar_one_or_none()
@@ -362,8 +362,6 @@ def listing(
     principal.require_dataset(dataset_id)
     refresh(db, dataset_id)
     with db.read() as session:
-        if session.get(Dataset, dataset_id) is None:
-            raise NotFound(f"dataset {dataset_id!r} not found")
         statement = select(Run).where(Run.dataset_id == dataset_id).order_by(Run.id)
         if status:
             statement = statement.where(Run.status == status)
