@@ -97,6 +97,7 @@ def release(result: ReleaseResult) -> Body:
         "name": row.name,
         "ledger_seq": row.ledger_seq,
         "noised_values": result.noised_values,
+        "noise": result.noise,
         "created_at": iso(row.created_at),
         "dataset": dataset(result.dataset),
     }

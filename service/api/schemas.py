@@ -169,6 +169,26 @@ class ReleaseCreate(Request):
         return self
 
 
+class NoisePublic(Public):
+    """How the service noised the values: exact discrete noise on a power-of-two grid."""
+
+    distribution: Literal["discrete_laplace", "discrete_gaussian"] = Field(
+        description="Exact integer noise on the grid (Canonne, Kamath & Steinke 2020), "
+        "drawn from the operating system's CSPRNG."
+    )
+    grid: float = Field(description="Each value was rounded to a multiple of this power of two.")
+    rounding: str = Field(description="How values were rounded to the grid.")
+    sensitivity_after_rounding: float = Field(
+        description="The rounded values' sensitivity (L1 for Laplace, L2 for Gaussian) that the "
+        "charge uses; at least the declared one."
+    )
+    noise_scale: float = Field(description="The noise's scale in value units (Laplace b, std σ).")
+    largest_value: float = Field(
+        description="The largest |value| this grid carries exactly (2^52 grid steps); larger "
+        "values are refused."
+    )
+
+
 class ReleasePublic(Public):
     id: str | None
     dataset_id: str
@@ -180,6 +200,9 @@ class ReleasePublic(Public):
     name: str | None
     ledger_seq: int | None
     noised_values: list[float] | None
+    noise: NoisePublic | None = Field(
+        description="Present when the service added the noise (the request had `values`)."
+    )
     created_at: str
     dataset: DatasetPublic
 

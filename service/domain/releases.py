@@ -1,24 +1,28 @@
 """Noisy releases: calibrate the noise, charge it, optionally add it ourselves.
 
-Noise the service adds comes from numpy's PCG64 seeded with 128 bits from the
-OS's CSPRNG (`secrets`). Floating-point noise has known side channels
-(Mironov 2012); callers who need a hardened sampler should add noise
-themselves with `noise_scale` and treat the ledger as the accountant.
+Without `values` the caller adds the noise and the ledger charges the
+continuous mechanism named. With `values` the service adds it, and the charge
+is the mechanism it actually runs (`service.domain.noise`): the values rounded
+to a power-of-two grid plus exact discrete Laplace (charged as pure ε-DP) or
+discrete Gaussian noise (charged as a Gaussian of the rounded values'
+sensitivity), drawn from the OS's CSPRNG. The noise is drawn before the
+dataset is locked (a large release costs no lock time); a refused or replayed
+request simply never shows it.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
+from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
 from accountant import calibrate
 from accountant.mechanisms import Gaussian, Laplace, Mechanism, PureDP
-from service.domain import holds, ledger
+from service.domain import holds, ledger, noise
 from service.domain.datasets import DatasetView, view
 from service.domain.errors import DomainError, InvalidRequest
 from service.domain.keys import Principal
@@ -43,12 +47,16 @@ class ReleaseSpec:
 
 @dataclass(frozen=True)
 class Calibrated:
-    """The charged mechanism, the absolute noise scale and the release's own (ε, δ)."""
+    """The charged mechanism, the absolute noise scale and the release's own (ε, δ).
+
+    `noise` is how the service noises the values (None when the caller adds the noise).
+    """
 
     mechanism: Mechanism
     noise_scale: float | None
     epsilon: float
     delta: float | None
+    noise: noise.NoisePlan | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class ReleaseResult:
     release: Release
     noised_values: list[float] | None
     dataset: DatasetView
+    noise: dict[str, Any] | None = None
 
 
 def calibrate_release(spec: ReleaseSpec, dataset_delta: float) -> Calibrated:
@@ -68,9 +77,19 @@ def calibrate_release(spec: ReleaseSpec, dataset_delta: float) -> Calibrated:
         spec.epsilon,
         spec.delta,
         spec.noise_scale,
-        spec.values is not None,
+        len(spec.values) if spec.values is not None else None,
         dataset_delta,
     )
+
+
+def declared_epsilon(epsilon: float) -> Fraction:
+    """A requested ε as the decimal number it was written as (0.1 is 1/10, not the float).
+
+    The service's Laplace noise is calibrated exactly to this rational, so the
+    mechanism that runs is exactly as private as asked, and ten releases of
+    0.1 sum to exactly 1.
+    """
+    return Fraction(repr(epsilon))
 
 
 @lru_cache(maxsize=4096)
@@ -80,16 +99,23 @@ def _calibrated(
     epsilon: float | None,
     delta: float | None,
     noise_scale: float | None,
-    has_values: bool,
+    size: int | None,
     dataset_delta: float,
 ) -> Calibrated:
     if (epsilon is None) == (noise_scale is None):
         raise InvalidRequest("give exactly one of epsilon and noise_scale")
+    if size == 0:
+        raise InvalidRequest("values, when given, must hold at least one number")
     try:
         if mechanism == "gaussian":
+            if epsilon is not None and delta is None:
+                raise InvalidRequest("a Gaussian release with epsilon needs delta")
+            if size is not None:
+                return _gaussian_on_grid(
+                    sensitivity, size, epsilon, delta, noise_scale, dataset_delta
+                )
             if epsilon is not None:
-                if delta is None:
-                    raise InvalidRequest("a Gaussian release with epsilon needs delta")
+                assert delta is not None
                 sigma = calibrate.gaussian_sigma(epsilon, delta, sensitivity)
                 return Calibrated(Gaussian(sigma / sensitivity), sigma, epsilon, delta)
             assert noise_scale is not None
@@ -99,6 +125,8 @@ def _calibrated(
         if delta is not None:
             raise InvalidRequest(f"delta does not apply to a {mechanism} release (pure ε-DP)")
         if mechanism == "laplace":
+            if size is not None:
+                return _laplace_on_grid(sensitivity, size, epsilon, noise_scale)
             if epsilon is not None:
                 scale = calibrate.laplace_scale(epsilon, sensitivity)
                 return Calibrated(Laplace(scale / sensitivity), scale, epsilon, None)
@@ -106,7 +134,7 @@ def _calibrated(
             epsilon = sensitivity / noise_scale
             return Calibrated(Laplace(noise_scale / sensitivity), noise_scale, epsilon, None)
         # pure_dp: any ε-DP mechanism the caller runs itself (e.g. the exponential mechanism).
-        if noise_scale is not None or has_values:
+        if noise_scale is not None or size is not None:
             raise InvalidRequest("a pure_dp release takes epsilon only (no noise_scale, no values)")
         assert epsilon is not None
         return Calibrated(PureDP(epsilon), None, epsilon, None)
@@ -114,19 +142,86 @@ def _calibrated(
         raise InvalidRequest(str(exc)) from None
 
 
-def add_noise(values: list[float], calibrated: Calibrated) -> list[float]:
-    """The values plus fresh noise of the calibrated scale, from a CSPRNG-seeded generator."""
-    generator = np.random.default_rng(secrets.randbits(128))
-    data = np.asarray(values, dtype=np.float64)
-    scale = calibrated.noise_scale
-    assert scale is not None
-    if isinstance(calibrated.mechanism, Gaussian):
-        noised = data + generator.normal(0.0, scale, size=data.shape)
-    else:
-        noised = data + generator.laplace(0.0, scale, size=data.shape)
-    if not np.all(np.isfinite(noised)):
-        raise InvalidRequest("values are too large: the noised values overflow")
-    return [float(v) for v in noised]
+@lru_cache(maxsize=4096)
+def _noise_plan(
+    mechanism: str,
+    sensitivity: float,
+    epsilon: float | None,
+    delta: float | None,
+    noise_scale: float | None,
+    size: int,
+) -> tuple[noise.NoisePlan, Fraction | None]:
+    """The grid and exact noise for `size` values (and a Laplace plan's exact ε)."""
+    if mechanism == "laplace":
+        plan, exact = noise.laplace_plan(
+            sensitivity,
+            size,
+            epsilon=declared_epsilon(epsilon) if epsilon is not None else None,
+            scale=noise_scale,
+        )
+        return plan, exact
+    plan = noise.gaussian_plan(sensitivity, size, sigma=noise_scale, epsilon=epsilon, delta=delta)
+    return plan, None
+
+
+def noise_plan(spec: ReleaseSpec) -> noise.NoisePlan:
+    """How the service will noise a release's values (the request alone decides it)."""
+    calibrate_release(spec, 0.5)  # every consistency check a real call makes
+    assert spec.values is not None
+    return _noise_plan(
+        spec.mechanism,
+        spec.sensitivity,
+        spec.epsilon,
+        spec.delta,
+        spec.noise_scale,
+        len(spec.values),
+    )[0]
+
+
+def _laplace_on_grid(
+    sensitivity: float, size: int, epsilon: float | None, noise_scale: float | None
+) -> Calibrated:
+    """Discrete Laplace on the grid: exactly ε-DP for the rounded values, charged as pure ε-DP."""
+    plan, exact = _noise_plan("laplace", sensitivity, epsilon, None, noise_scale, size)
+    assert exact is not None
+    # With epsilon given the mechanism is exactly the declared ε (≤ this float); else rounded up.
+    charged = epsilon if epsilon is not None else noise.float_up(exact)
+    return Calibrated(PureDP(charged), plan.noise_scale, charged, None, plan)
+
+
+def _gaussian_on_grid(
+    sensitivity: float,
+    size: int,
+    epsilon: float | None,
+    delta: float | None,
+    noise_scale: float | None,
+    dataset_delta: float,
+) -> Calibrated:
+    """Discrete Gaussian on the grid, charged as a Gaussian of the rounded values' sensitivity."""
+    plan, _ = _noise_plan("gaussian", sensitivity, epsilon, delta, noise_scale, size)
+    grid = Fraction(2) ** plan.grid_exponent
+    # σ / Δ_rounded, rounded down: a smaller multiplier charges more, never less.
+    multiplier = noise.float_down(plan.scale * grid / Fraction(plan.sensitivity))
+    sigma = plan.noise_scale
+    if epsilon is None:
+        delta = delta if delta is not None else dataset_delta
+        epsilon = calibrate.gaussian_epsilon(sigma, delta, plan.sensitivity)
+    return Calibrated(Gaussian(multiplier), sigma, epsilon, delta, plan)
+
+
+def noise_details(calibrated: Calibrated) -> dict[str, Any] | None:
+    """How the service noised the values, as recorded in the ledger and answered."""
+    plan = calibrated.noise
+    if plan is None:
+        return None
+    return {
+        "distribution": plan.distribution,
+        "grid": plan.grid,
+        "rounding": "to the nearest multiple of the grid, ties to even",
+        "sensitivity_after_rounding": plan.sensitivity,
+        "noise_scale": plan.noise_scale,
+        "largest_value": plan.largest_input,
+    }
 
 
 def create(
@@ -142,6 +237,11 @@ def create(
     """Charge one release if the filter admits it; add the noise when values are given."""
     principal.require("trainer")
     principal.require_dataset(dataset_id)
+    noised: list[float] | None = None
+    if spec.values is not None and not dry_run:
+        # The grid and the noise depend on the request alone (never on the dataset's δ), so the
+        # values are noised before the dataset is locked; a refusal discards them unseen.
+        noised = noise_plan(spec).noised(spec.values)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
@@ -179,14 +279,13 @@ def create(
                 "epsilon": calibrated.epsilon,
                 "delta": calibrated.delta,
                 "values": len(spec.values) if spec.values is not None else None,
+                "noise": noise_details(calibrated),
                 "name": spec.name,
             },
         )
         ledger.append(session, dataset, budget, request, now)
-        noised = (
-            add_noise(spec.values, calibrated) if spec.values is not None and not dry_run else None
-        )
-        return 201, render(ReleaseResult(release, noised, view(dataset, budget)))
+        result = ReleaseResult(release, noised, view(dataset, budget), noise_details(calibrated))
+        return 201, render(result)
 
     if dry_run:
         return rehearse(db, operation, dataset_id=dataset_id)

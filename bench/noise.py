@@ -1,0 +1,64 @@
+"""The service's exact samplers: values noised per second for one 100,000-value release.
+
+    .venv/bin/python -m bench.noise [--values 100000] [--repeats 3]
+
+Beside each figure, in the same run, the float noise the service used to add
+(numpy's PCG64 `laplace`/`normal` on float64, not private on a real
+computer) as the ceiling the exact samplers are measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from fractions import Fraction
+
+import numpy as np
+
+from service.domain import noise
+
+
+def _best(repeats: int, work: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    """Print one Markdown table: values/s for each mechanism, and the ratio to float noise."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    values = [float(i % 1000) for i in range(args.values)]
+    data = np.asarray(values)
+    generator = np.random.default_rng()
+    laplace, _ = noise.laplace_plan(1.0, len(values), epsilon=Fraction(1, 10))
+    gaussian = noise.gaussian_plan(1.0, len(values), epsilon=1.0, delta=1e-5)
+    cases = [
+        (
+            "discrete Laplace, ε = 0.1, Δ₁ = 1",
+            laplace,
+            lambda: data + generator.laplace(0, 10, data.size),
+        ),
+        (
+            "discrete Gaussian, (1, 1e-5), Δ₂ = 1",
+            gaussian,
+            lambda: data + generator.normal(0, gaussian.noise_scale, data.size),
+        ),
+    ]
+    print(f"| {args.values:,} values | exact (values/s) | float numpy (values/s) | ratio |")
+    print("|---|---|---|---|")
+    for name, plan, ceiling in cases:
+        exact = _best(args.repeats, lambda plan=plan: plan.noised(values))
+        floats = _best(args.repeats, ceiling)
+        rate, ceiling_rate = args.values / exact, args.values / floats
+        print(f"| {name} | {rate:,.0f} | {ceiling_rate:,.0f} | {rate / ceiling_rate:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

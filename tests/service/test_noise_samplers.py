@@ -1,0 +1,192 @@
+"""The exact samplers and the grid: against their exact pmfs, their sources, their bounds."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections import Counter
+from fractions import Fraction
+from itertools import count
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from service.domain import noise
+from service.domain.errors import InvalidRequest
+
+DRAWS = 100_000
+
+
+def _chi_square(samples: list[int], pmf: dict[int, float]) -> float:
+    """p-value of a chi-square goodness-of-fit test, bins with expected count < 5 pooled."""
+    counts = Counter(samples)
+    observed, expected = [], []
+    pooled_observed, pooled_expected = 0, 0.0
+    for value, probability in sorted(pmf.items()):
+        if probability * len(samples) < 5:
+            pooled_observed += counts.get(value, 0)
+            pooled_expected += probability * len(samples)
+            continue
+        observed.append(counts.get(value, 0))
+        expected.append(probability * len(samples))
+    outside = len(samples) - sum(counts[v] for v in pmf)
+    observed.append(pooled_observed + outside)
+    expected.append(pooled_expected + (1.0 - sum(pmf.values())) * len(samples))
+    result = stats.chisquare(observed, np.asarray(expected) * sum(observed) / sum(expected))
+    return float(result.pvalue)
+
+
+def _laplace_pmf(scale: Fraction, support: int) -> dict[int, float]:
+    r = math.exp(-1.0 / float(scale))
+    return {z: (1 - r) / (1 + r) * r ** abs(z) for z in range(-support, support + 1)}
+
+
+def _gaussian_pmf(sigma: Fraction, support: int) -> dict[int, float]:
+    s2 = float(sigma) ** 2
+    weights = {z: math.exp(-(z * z) / (2 * s2)) for z in range(-support, support + 1)}
+    total = sum(math.exp(-(z * z) / (2 * s2)) for z in range(-20 * support, 20 * support + 1))
+    return {z: w / total for z, w in weights.items()}
+
+
+@pytest.mark.parametrize("scale", [Fraction(1, 2), Fraction(3), Fraction(7, 3)])
+def test_discrete_laplace_matches_its_pmf(scale: Fraction) -> None:
+    rng = noise.Csprng()
+    samples = [noise.discrete_laplace(rng, scale) for _ in range(DRAWS)]
+    assert _chi_square(samples, _laplace_pmf(scale, int(12 * scale) + 2)) > 1e-4
+
+
+@pytest.mark.parametrize("sigma", [Fraction(1, 3), Fraction(5, 2), Fraction(1.7)])
+def test_discrete_gaussian_matches_its_pmf(sigma: Fraction) -> None:
+    rng = noise.Csprng()
+    samples = [noise.discrete_gaussian(rng, sigma) for _ in range(DRAWS)]
+    assert _chi_square(samples, _gaussian_pmf(sigma, int(8 * sigma) + 2)) > 1e-4
+
+
+def test_the_chi_square_check_can_fail() -> None:
+    """The same check rejects draws of a slightly wrong scale (so the tests above can fail)."""
+    rng = noise.Csprng()
+    samples = [noise.discrete_gaussian(rng, Fraction(27, 10)) for _ in range(DRAWS)]
+    assert _chi_square(samples, _gaussian_pmf(Fraction(5, 2), 30)) < 1e-6
+
+
+@pytest.mark.parametrize("gamma", [Fraction(0), Fraction(3, 10), Fraction(1), Fraction(27, 10)])
+def test_bernoulli_exp_has_probability_exp_minus_gamma(gamma: Fraction) -> None:
+    rng = noise.Csprng()
+    hits = sum(noise.bernoulli_exp(rng, gamma.numerator, gamma.denominator) for _ in range(DRAWS))
+    assert stats.binomtest(hits, DRAWS, math.exp(-float(gamma))).pvalue > 1e-4
+
+
+def test_below_is_uniform_and_exact_at_the_edges() -> None:
+    rng = noise.Csprng()
+    assert {rng.below(1) for _ in range(100)} == {0}
+    draws = [rng.below(10) for _ in range(DRAWS)]
+    assert set(draws) == set(range(10))
+    assert stats.chisquare(np.bincount(draws, minlength=10)).pvalue > 1e-4
+    big = 3 * 2**200 + 1
+    assert all(0 <= rng.below(big) < big for _ in range(1000))
+    with pytest.raises(ValueError):
+        rng.below(0)
+
+
+def test_samplers_draw_from_os_urandom_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With os.urandom replaced by a fixed byte stream the draws repeat exactly: nothing else
+    (no PRNG, no clock) feeds them; and every other source we know of is disabled."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a sampler used a source other than os.urandom")
+
+    for name in ("random", "getrandbits", "randrange", "randint", "uniform", "gauss"):
+        monkeypatch.setattr(random, name, forbidden)
+    monkeypatch.setattr(np.random, "default_rng", forbidden)
+    monkeypatch.setattr(np.random, "random", forbidden)
+
+    def draws() -> tuple[list[float], int]:
+        stream = random.Random(7)  # a private instance: the patched module functions stay off
+        requested = count()
+
+        def fixed(size: int) -> bytes:
+            for _ in range(size):
+                next(requested)
+            return stream.randbytes(size)
+
+        monkeypatch.setattr(os, "urandom", fixed)
+        laplace, _ = noise.laplace_plan(1.0, 50, epsilon=Fraction(1, 2))
+        gaussian = noise.gaussian_plan(1.0, 50, sigma=3.0)
+        values = [float(v) for v in range(50)]
+        return laplace.noised(values) + gaussian.noised(values), next(requested)
+
+    first, used = draws()
+    second, _ = draws()
+    assert first == second and used > 0
+
+
+def test_laplace_plan_is_exactly_the_declared_epsilon() -> None:
+    plan, epsilon = noise.laplace_plan(2.0, 3, epsilon=Fraction(1, 10))
+    assert epsilon == Fraction(1, 10)
+    grid = Fraction(2) ** plan.grid_exponent
+    # The grid is 2^12 times finer than both the scale (20) and the per-value sensitivity (2/3).
+    assert grid <= Fraction(2, 3) / 2**12 < 2 * grid
+    units = math.floor(Fraction(2) / grid) + 3
+    assert plan.scale == units * 10  # scale t with D/t = ε exactly
+    assert plan.sensitivity == float(units * grid) >= 2.0
+    assert plan.noise_scale >= 20.0 and plan.noise_scale / 20.0 - 1 < 2**-12 * 3
+
+
+def test_laplace_plan_with_a_scale_charges_the_rounded_sensitivity() -> None:
+    plan, epsilon = noise.laplace_plan(1.0, 4, scale=8.0)
+    grid = Fraction(2) ** plan.grid_exponent
+    assert plan.scale * grid == 8
+    assert epsilon == (math.floor(1 / grid) + 4) / plan.scale > Fraction(1, 8)
+
+
+def test_gaussian_plan_calibrates_at_the_rounded_sensitivity() -> None:
+    plan = noise.gaussian_plan(1.0, 100, epsilon=1.0, delta=1e-5)
+    assert plan.grid <= (1.0 / math.sqrt(100)) * 2**-12
+    assert plan.sensitivity >= 1.0 + plan.grid * 10
+    # Balle & Wang's σ for (1, 1e-5) is 3.7306 at sensitivity 1; here at Δ_rounded.
+    assert plan.noise_scale == pytest.approx(3.7306 * plan.sensitivity, rel=1e-4)
+    assert plan.noise_scale >= 3.7306
+
+
+def test_values_beyond_the_grid_are_refused() -> None:
+    plan, _ = noise.laplace_plan(1.0, 1, epsilon=Fraction(1))
+    limit = plan.largest_input
+    assert limit == 2.0**52 * plan.grid
+    assert len(plan.noised([limit])) == 1
+    with pytest.raises(InvalidRequest, match="beyond what the noise grid carries"):
+        plan.noised([math.nextafter(limit, math.inf)])
+    with pytest.raises(InvalidRequest):
+        plan.noised([1e17])
+
+
+def test_outputs_lie_on_the_grid() -> None:
+    plan = noise.gaussian_plan(1.0, 1000, sigma=0.7)
+    out = plan.noised([random.Random(1).uniform(-5, 5) for _ in range(1000)])
+    assert all(math.ldexp(y, -plan.grid_exponent).is_integer() for y in out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=8),
+    st.floats(0.01, 100.0),
+    st.floats(0.0, 1.0),
+    st.integers(-60, 10),
+)
+def test_rounding_adds_at_most_one_grid_step_per_differing_value(
+    xs: list[float], delta: float, fraction: float, exponent: int
+) -> None:
+    """|round(x/g) − round(x'/g)|₁ ≤ ⌊Δ/g⌋ + d whenever ‖x − x'‖₁ ≤ Δ (the L1 bound charged)."""
+    shift = [delta * fraction / len(xs)] * len(xs)
+    neighbour = [x + s for x, s in zip(xs, shift, strict=True)]
+    if sum(abs(a - b) for a, b in zip(xs, neighbour, strict=True)) > delta:
+        return  # float rounding of the shift itself
+    grid = Fraction(2) ** exponent
+    rounded = [noise.to_grid(x, exponent) for x in xs]
+    rounded_neighbour = [noise.to_grid(x, exponent) for x in neighbour]
+    assert rounded == [round(Fraction(x) / grid) for x in xs]  # exact, ties to even
+    moved = sum(abs(a - b) for a, b in zip(rounded, rounded_neighbour, strict=True))
+    assert moved <= math.floor(Fraction(delta) / grid) + len(xs)
