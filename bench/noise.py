@@ -13,6 +13,7 @@ import argparse
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 
@@ -39,22 +40,21 @@ def main() -> None:
     generator = np.random.default_rng()
     laplace, _ = noise.laplace_plan(1.0, len(values), epsilon=Fraction(1, 10))
     gaussian = noise.gaussian_plan(1.0, len(values), epsilon=1.0, delta=1e-5)
-    cases = [
-        (
-            "discrete Laplace, ε = 0.1, Δ₁ = 1",
-            laplace,
-            lambda: data + generator.laplace(0, 10, data.size),
-        ),
-        (
-            "discrete Gaussian, (1, 1e-5), Δ₂ = 1",
-            gaussian,
-            lambda: data + generator.normal(0, gaussian.noise_scale, data.size),
-        ),
+
+    def float_laplace() -> object:
+        return data + generator.laplace(0, 10, data.size)
+
+    def float_gaussian() -> object:
+        return data + generator.normal(0, gaussian.noise_scale, data.size)
+
+    cases: list[tuple[str, noise.NoisePlan, Callable[[], object]]] = [
+        ("discrete Laplace, ε = 0.1, Δ₁ = 1", laplace, float_laplace),
+        ("discrete Gaussian, (1, 1e-5), Δ₂ = 1", gaussian, float_gaussian),
     ]
     print(f"| {args.values:,} values | exact (values/s) | float numpy (values/s) | ratio |")
     print("|---|---|---|---|")
     for name, plan, ceiling in cases:
-        exact = _best(args.repeats, lambda plan=plan: plan.noised(values))
+        exact = _best(args.repeats, partial(plan.noised, values))
         floats = _best(args.repeats, ceiling)
         rate, ceiling_rate = args.values / exact, args.values / floats
         print(f"| {name} | {rate:,.0f} | {ceiling_rate:,.0f} | {rate / ceiling_rate:.4f} |")

@@ -11,18 +11,20 @@ independent recomputation of the dataset's curves.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import httpx
 
 from accountant import Filter, exact
-from accountant.mechanisms import Gaussian, Laplace, SubsampledGaussian
+from accountant.mechanisms import Gaussian, PureDP, SubsampledGaussian
 from service.storage.database import Database
 from tests.service.conftest import ADMIN_KEY, Api, LiveServer, cached_budget, replay_units
 
@@ -324,13 +326,21 @@ def test_concurrent_traffic_never_overspends(live_server: LiveServer, database: 
         )
         return exact.to_units(mechanism.rdp(orders))
 
-    release_units = {
-        body["id"]: exact.to_units(
-            (Laplace if body["mechanism"] == "laplace" else Gaussian)(body["noise_scale"]).rdp(
-                orders
-            )
+    def release_mechanism(body: dict[str, Any]) -> PureDP | Gaussian:
+        # Noised by the service: discrete Laplace is charged as its pure ε, discrete Gaussian
+        # as σ over the rounded values' sensitivity, rounded down (docs/accounting.md §8).
+        if body["mechanism"] == "laplace":
+            return PureDP(body["epsilon"])
+        ratio = Fraction(body["noise_scale"]) / Fraction(
+            body["noise"]["sensitivity_after_rounding"]
         )
-        for body in releases
+        multiplier = float(ratio)
+        if Fraction(multiplier) > ratio:
+            multiplier = math.nextafter(multiplier, 0.0)
+        return Gaussian(multiplier)
+
+    release_units = {
+        body["id"]: exact.to_units(release_mechanism(body).rdp(orders)) for body in releases
     }
     for entry in entries:
         if entry["kind"] == "charge" and entry["run_id"] is not None:
