@@ -17,6 +17,7 @@ never reports below the exact ε where one is known (Gaussian releases: Balle & 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 import warnings
@@ -171,9 +172,7 @@ def workloads(quick: bool) -> list[Workload]:
                 [mechanisms.Gaussian(g005)],
                 1000,
                 delta,
-                exact_epsilon=lambda n, s=g005, d=delta: calibrate.gaussian_epsilon(
-                    s / math.sqrt(n), d
-                ),
+                exact_epsilon=functools.partial(_composed_gaussian_epsilon, g005, delta),
             )
         )
     return out
@@ -225,10 +224,10 @@ def measure(work: Workload, prv: bool) -> str:
         else:
             # Keep posting units (whole units; for one unit, its mechanisms) until refused.
             granular = work.count == 1
-            steps = [[m] for m in history] if granular else [work.units] * (work.count * 3)
+            pieces = [[m] for m in history] if granular else [work.units] * (work.count * 3)
             ledger = Ledger(privacy_filter)
             taken = 0
-            for unit in steps:
+            for unit in pieces:
                 if not ledger.try_post(*ledger.cost(unit)):
                     break
                 taken += 1
@@ -270,6 +269,11 @@ def _rdp_allows(work: Workload, cap: float, granular: bool) -> int:
             return taken
         curve = curve + step
     return len(pieces)
+
+
+def _composed_gaussian_epsilon(sigma: float, delta: float, count: int) -> float:
+    """Exact ε of `count` Gaussian releases of std σ: one Gaussian of σ/√count (Balle & Wang)."""
+    return calibrate.gaussian_epsilon(sigma / math.sqrt(count), delta)
 
 
 def _f(value: float) -> str:
