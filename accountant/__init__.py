@@ -1,13 +1,14 @@
 """Rényi-DP accounting for the privacy ledger: pure functions, no I/O.
 
 - `accountant.rdp`: RDP curves of the mechanisms we charge, and the ε conversion.
-- `accountant.Filter`: the cap filter (valid under fully adaptive composition).
+- `accountant.Filter`: the cap filter with uniform shares (valid under fully adaptive composition).
+- `accountant.members`: the filter of members with fixed shares of δ and the exact pure-sum member.
 - `accountant.calibrate`: noise for a target ε (DP-SGD σ, analytic Gaussian, Laplace).
 - `accountant.mechanisms`: the mechanisms as immutable values the ledger stores.
 - `accountant.exact`: exact integer arithmetic on curves, for the ledger's cached sums.
 """
 
-from accountant import calibrate, exact, mechanisms, rdp
+from accountant import calibrate, exact, mechanisms, members, rdp
 from accountant._checks import MIN_PROBABILITY
 from accountant.filter import Filter
 from accountant.orders import CALIBRATION_ORDERS, DEFAULT_ORDERS
@@ -20,5 +21,6 @@ __all__ = [
     "calibrate",
     "exact",
     "mechanisms",
+    "members",
     "rdp",
 ]

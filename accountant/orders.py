@@ -37,3 +37,8 @@ CALIBRATION_ORDERS: FloatArray = np.union1d(
     ),
 )
 CALIBRATION_ORDERS.setflags(write=False)
+
+# Where the default shares may put their heavy share (accountant.members.heavy_order): the
+# dense calibration grid, so the heavy order sits within a step of 0.1 (α < 11) or 1 (α < 64)
+# of the continuous optimum. Only the one chosen order joins a dataset's grid.
+SHARE_CANDIDATE_ORDERS: FloatArray = CALIBRATION_ORDERS
