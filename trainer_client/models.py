@@ -298,21 +298,24 @@ class Epoch(_DryRunFields):
 class Release(_DryRunFields):
     """One noisy release charged to a dataset, with the noise scale to use.
 
-    `noised_values` is set when the service added the noise itself.
+    `noise_scale` is None for a generic pure ε-DP release (``pure_dp``): the
+    service calibrates no noise for it, your mechanism (e.g. the exponential
+    mechanism) must be ε-DP by itself. `noised_values` is set when the service
+    added the noise itself.
     """
 
     id: str | None
     dataset_id: str
     mechanism: str
     sensitivity: float
-    noise_scale: float
+    noise_scale: float | None
     epsilon: float | None
     delta: float | None
     name: str | None
     ledger_seq: int | None
     noised_values: tuple[float, ...] | None
     created_at: datetime | None
-    dataset: Dataset | None
+    dataset: Dataset
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -320,20 +323,19 @@ class Release(_DryRunFields):
         """Read a Release body."""
         b = _Body(obj, "Release")
         values = b.opt_list("noised_values")
-        dataset = b.opt_mapping("dataset")
         return cls(
             id=b.opt_text("id"),
             dataset_id=b.text("dataset_id"),
             mechanism=b.text("mechanism"),
             sensitivity=b.number("sensitivity"),
-            noise_scale=b.number("noise_scale"),
+            noise_scale=b.opt_number("noise_scale"),
             epsilon=b.opt_number("epsilon"),
             delta=b.opt_number("delta"),
             name=b.opt_text("name"),
             ledger_seq=b.opt_integer("ledger_seq"),
             noised_values=None if values is None else tuple(_floats(values, "noised_values")),
             created_at=b.opt_time("created_at"),
-            dataset=None if dataset is None else Dataset.from_json(dataset),
+            dataset=Dataset.from_json(b.opt_mapping("dataset")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
