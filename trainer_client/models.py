@@ -2,6 +2,10 @@
 
 Each class has a ``from_json`` constructor that checks the fields it reads and
 keeps the whole body in `raw` (so fields a newer service adds are not lost).
+A field is optional (``| None``) exactly where the service's OpenAPI schema lets
+it be null or absent, and a required field that is missing or null is an
+``unexpected_response`` error, never a silent default:
+tests/trainer_client/test_contract.py holds the two sides together.
 """
 
 from __future__ import annotations
@@ -108,10 +112,22 @@ class _Body:
         except ValueError:
             raise self._bad(key, "an ISO 8601 time") from None
 
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        value = self.opt_mapping(key)
+        if value is None:
+            raise _unexpected(f"{self.what}: field {key!r} is missing or null")
+        return value
+
     def opt_mapping(self, key: str) -> Mapping[str, Any] | None:
         value = self._get(key, optional=True)
         if value is not None and not isinstance(value, Mapping):
             raise self._bad(key, "an object")
+        return value
+
+    def array(self, key: str) -> list[Any]:
+        value = self.opt_list(key)
+        if value is None:
+            raise _unexpected(f"{self.what}: field {key!r} is missing or null")
         return value
 
     def opt_list(self, key: str) -> list[Any] | None:
@@ -150,8 +166,8 @@ class Dataset:
     frozen: bool
     ledger_seq: int
     active_runs: int
-    created_at: datetime | None
-    updated_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -160,17 +176,17 @@ class Dataset:
         b = _Body(obj, "Dataset")
         return cls(
             id=b.text("id"),
-            description=b.opt_text("description") or "",
+            description=b.text("description"),
             epsilon_cap=b.number("epsilon_cap"),
             delta=b.number("delta"),
             epsilon_spent=b.number("epsilon_spent"),
             epsilon_reserved=b.number("epsilon_reserved"),
             epsilon_remaining=b.number("epsilon_remaining"),
-            frozen=b.flag("frozen", default=False),
-            ledger_seq=b.opt_integer("ledger_seq") or 0,
-            active_runs=b.opt_integer("active_runs") or 0,
-            created_at=b.opt_time("created_at"),
-            updated_at=b.opt_time("updated_at"),
+            frozen=b.flag("frozen"),
+            ledger_seq=b.integer("ledger_seq"),
+            active_runs=b.integer("active_runs"),
+            created_at=b.time("created_at"),
+            updated_at=b.time("updated_at"),
             raw=b.obj,
         )
 
@@ -198,11 +214,11 @@ class RunRecord(_DryRunFields):
     max_grad_norm: float | None
     target_epsilon: float | None
     epsilon: float
-    epsilon_per_epoch: float | None
-    lease_seconds: int | None
-    expires_at: datetime | None
-    created_at: datetime | None
-    updated_at: datetime | None
+    epsilon_per_epoch: float
+    lease_seconds: int
+    expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
     dataset: Dataset | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -215,21 +231,21 @@ class RunRecord(_DryRunFields):
             id=b.opt_text("id"),
             dataset_id=b.text("dataset_id"),
             name=b.opt_text("name"),
-            status=b.opt_text("status") or "active",
-            sampling=b.opt_text("sampling") or "poisson",
+            status=b.text("status"),
+            sampling=b.text("sampling"),
             sample_rate=b.number("sample_rate"),
             steps_per_epoch=b.integer("steps_per_epoch"),
             epochs=b.integer("epochs"),
-            epochs_charged=b.opt_integer("epochs_charged") or 0,
+            epochs_charged=b.integer("epochs_charged"),
             noise_multiplier=b.number("noise_multiplier"),
             max_grad_norm=b.opt_number("max_grad_norm"),
             target_epsilon=b.opt_number("target_epsilon"),
             epsilon=b.number("epsilon"),
-            epsilon_per_epoch=b.opt_number("epsilon_per_epoch"),
-            lease_seconds=b.opt_integer("lease_seconds"),
-            expires_at=b.opt_time("expires_at"),
-            created_at=b.opt_time("created_at"),
-            updated_at=b.opt_time("updated_at"),
+            epsilon_per_epoch=b.number("epsilon_per_epoch"),
+            lease_seconds=b.integer("lease_seconds"),
+            expires_at=b.time("expires_at"),
+            created_at=b.time("created_at"),
+            updated_at=b.time("updated_at"),
             dataset=None if dataset is None else Dataset.from_json(dataset),
             raw=b.obj,
             **_dry_run_fields(b),
@@ -245,7 +261,7 @@ class Epoch(_DryRunFields):
     budget right after the charge.
     """
 
-    run_id: str | None
+    run_id: str
     index: int
     noise_multiplier: float
     sample_rate: float
@@ -254,7 +270,7 @@ class Epoch(_DryRunFields):
     sampling: str
     beyond_plan: bool
     ledger_seq: int | None
-    expires_at: datetime | None
+    expires_at: datetime
     dataset: Dataset
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -278,17 +294,17 @@ class Epoch(_DryRunFields):
         """Read an Epoch body."""
         b = _Body(obj, "Epoch")
         return cls(
-            run_id=b.opt_text("run_id"),
+            run_id=b.text("run_id"),
             index=b.integer("epoch"),
             noise_multiplier=b.number("noise_multiplier"),
             sample_rate=b.number("sample_rate"),
             steps=b.integer("steps"),
             max_grad_norm=b.opt_number("max_grad_norm"),
-            sampling=b.opt_text("sampling") or "poisson",
-            beyond_plan=b.flag("beyond_plan", default=False),
+            sampling=b.text("sampling"),
+            beyond_plan=b.flag("beyond_plan"),
             ledger_seq=b.opt_integer("ledger_seq"),
-            expires_at=b.opt_time("expires_at"),
-            dataset=Dataset.from_json(b.opt_mapping("dataset")),
+            expires_at=b.time("expires_at"),
+            dataset=Dataset.from_json(b.mapping("dataset")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -298,21 +314,24 @@ class Epoch(_DryRunFields):
 class Release(_DryRunFields):
     """One noisy release charged to a dataset, with the noise scale to use.
 
-    `noised_values` is set when the service added the noise itself.
+    `noise_scale` is None for a generic pure ε-DP release (``pure_dp``): the
+    service calibrates no noise for it, your mechanism (e.g. the exponential
+    mechanism) must be ε-DP by itself. `noised_values` is set when the service
+    added the noise itself.
     """
 
     id: str | None
     dataset_id: str
     mechanism: str
     sensitivity: float
-    noise_scale: float
-    epsilon: float | None
+    noise_scale: float | None
+    epsilon: float
     delta: float | None
     name: str | None
     ledger_seq: int | None
     noised_values: tuple[float, ...] | None
-    created_at: datetime | None
-    dataset: Dataset | None
+    created_at: datetime
+    dataset: Dataset
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -320,20 +339,19 @@ class Release(_DryRunFields):
         """Read a Release body."""
         b = _Body(obj, "Release")
         values = b.opt_list("noised_values")
-        dataset = b.opt_mapping("dataset")
         return cls(
             id=b.opt_text("id"),
             dataset_id=b.text("dataset_id"),
             mechanism=b.text("mechanism"),
             sensitivity=b.number("sensitivity"),
-            noise_scale=b.number("noise_scale"),
-            epsilon=b.opt_number("epsilon"),
+            noise_scale=b.opt_number("noise_scale"),
+            epsilon=b.number("epsilon"),
             delta=b.opt_number("delta"),
             name=b.opt_text("name"),
             ledger_seq=b.opt_integer("ledger_seq"),
             noised_values=None if values is None else tuple(_floats(values, "noised_values")),
-            created_at=b.opt_time("created_at"),
-            dataset=None if dataset is None else Dataset.from_json(dataset),
+            created_at=b.time("created_at"),
+            dataset=Dataset.from_json(b.mapping("dataset")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -359,15 +377,15 @@ class LedgerEntry:
     release_id: str | None
     voids_seq: int | None
     mechanism: Mapping[str, Any] | None = field(hash=False)
-    actor: str | None
+    actor: str
     idempotency_key: str | None
     epsilon: float | None
-    epsilon_spent_after: float | None
-    epsilon_reserved_after: float | None
+    epsilon_spent_after: float
+    epsilon_reserved_after: float
     details: Mapping[str, Any] = field(hash=False)
-    created_at: datetime | None
-    prev_hash: str | None
-    hash: str | None
+    created_at: datetime
+    prev_hash: str
+    hash: str
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -382,15 +400,15 @@ class LedgerEntry:
             release_id=b.opt_text("release_id"),
             voids_seq=b.opt_integer("voids_seq"),
             mechanism=b.opt_mapping("mechanism"),
-            actor=b.opt_text("actor"),
+            actor=b.text("actor"),
             idempotency_key=b.opt_text("idempotency_key"),
             epsilon=b.opt_number("epsilon"),
-            epsilon_spent_after=b.opt_number("epsilon_spent_after"),
-            epsilon_reserved_after=b.opt_number("epsilon_reserved_after"),
-            details=b.opt_mapping("details") or {},
-            created_at=b.opt_time("created_at"),
-            prev_hash=b.opt_text("prev_hash"),
-            hash=b.opt_text("hash"),
+            epsilon_spent_after=b.number("epsilon_spent_after"),
+            epsilon_reserved_after=b.number("epsilon_reserved_after"),
+            details=b.mapping("details"),
+            created_at=b.time("created_at"),
+            prev_hash=b.text("prev_hash"),
+            hash=b.text("hash"),
             raw=b.obj,
         )
 
@@ -401,11 +419,11 @@ class VerifyResult:
 
     ok: bool
     entries: int
-    last_seq: int | None
-    last_hash: str | None
+    last_seq: int
+    last_hash: str
     chain_ok: bool
     replay_ok: bool
-    problems: tuple[Any, ...]
+    problems: tuple[str, ...]
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -414,12 +432,12 @@ class VerifyResult:
         b = _Body(obj, "Verify")
         return cls(
             ok=b.flag("ok"),
-            entries=b.opt_integer("entries") or 0,
-            last_seq=b.opt_integer("last_seq"),
-            last_hash=b.opt_text("last_hash"),
-            chain_ok=b.flag("chain_ok", default=False),
-            replay_ok=b.flag("replay_ok", default=False),
-            problems=tuple(b.opt_list("problems") or ()),
+            entries=b.integer("entries"),
+            last_seq=b.integer("last_seq"),
+            last_hash=b.text("last_hash"),
+            chain_ok=b.flag("chain_ok"),
+            replay_ok=b.flag("replay_ok"),
+            problems=tuple(b.array("problems")),
             raw=b.obj,
         )
 
@@ -432,7 +450,7 @@ class ApiKey:
     role: str
     datasets: tuple[str, ...] | None
     name: str | None
-    created_at: datetime | None
+    created_at: datetime
     revoked_at: datetime | None
     key: str | None = field(default=None, repr=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
@@ -447,7 +465,7 @@ class ApiKey:
             role=b.text("role"),
             datasets=None if datasets is None else tuple(str(d) for d in datasets),
             name=b.opt_text("name"),
-            created_at=b.opt_time("created_at"),
+            created_at=b.time("created_at"),
             revoked_at=b.opt_time("revoked_at"),
             key=b.opt_text("key"),
             raw=b.obj,
@@ -456,16 +474,15 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class EpsilonEstimate:
-    """ε of a subsampled-Gaussian plan at δ, and the RDP order that gave it."""
+    """ε of a subsampled-Gaussian plan at δ."""
 
     epsilon: float
-    order: float | None
 
     @classmethod
     def from_json(cls, obj: object) -> EpsilonEstimate:
         """Read the epsilon calculator's body."""
         b = _Body(obj, "EpsilonEstimate")
-        return cls(epsilon=b.number("epsilon"), order=b.opt_number("order"))
+        return cls(epsilon=b.number("epsilon"))
 
 
 @dataclass(frozen=True)

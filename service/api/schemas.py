@@ -137,7 +137,7 @@ class EpochPublic(Public):
     max_grad_norm: float | None
     sampling: Literal["poisson", "shuffle"]
     beyond_plan: bool
-    ledger_seq: int | None
+    ledger_seq: int
     expires_at: str
     dataset: DatasetPublic
 
@@ -190,7 +190,7 @@ class NoisePublic(Public):
 
 
 class ReleasePublic(Public):
-    id: str | None
+    id: str
     dataset_id: str
     mechanism: str
     sensitivity: float
@@ -198,7 +198,7 @@ class ReleasePublic(Public):
     epsilon: float
     delta: float | None
     name: str | None
-    ledger_seq: int | None
+    ledger_seq: int
     noised_values: list[float] | None
     noise: NoisePublic | None = Field(
         description="Present when the service added the noise (the request had `values`)."
@@ -291,20 +291,49 @@ class NoiseMultiplierPublic(Public):
     epsilon: float
 
 
-class DryRunPublic(Public):
-    dry_run: Literal[True]
-    admitted: bool
-    refusal: dict[str, Any] | None = Field(
-        None, description="The problem the real call would answer, when not admitted."
-    )
-
-
 class Problem(Public):
     type: str
     title: str
     status: int
     detail: str
     code: str
+
+
+class DryRunRefused(Public):
+    """A dry run the real call would refuse: only its refusal."""
+
+    dry_run: Literal[True]
+    admitted: Literal[False]
+    refusal: Problem = Field(description="The problem the real call would answer.")
+
+
+# An admitted dry run answers the body the real call would, with nothing written: the ids of
+# what would have been written are null, and noise is neither drawn nor added.
+# (Pydantic replaces an overridden field; mypy reads the override as a Liskov violation.)
+class RunDryRun(RunWithDataset):
+    """An admitted dry run of a run plan."""
+
+    id: None  # type: ignore[assignment]
+    dry_run: Literal[True]
+    admitted: Literal[True]
+
+
+class EpochDryRun(EpochPublic):
+    """An admitted dry run of an epoch reservation."""
+
+    ledger_seq: None  # type: ignore[assignment]
+    dry_run: Literal[True]
+    admitted: Literal[True]
+
+
+class ReleaseDryRun(ReleasePublic):
+    """An admitted dry run of a release."""
+
+    id: None  # type: ignore[assignment]
+    ledger_seq: None  # type: ignore[assignment]
+    noised_values: None
+    dry_run: Literal[True]
+    admitted: Literal[True]
 
 
 # What every route that takes a JSON body may also answer: not JSON (400), too large (413),
@@ -346,9 +375,14 @@ class KeyPage(Public):
     has_more: bool
 
 
+def dry_run_answers(admitted: type[Public]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route's ``dry_run=true`` 200: `admitted`, or the refusal."""
+    return {200: {"model": admitted | DryRunRefused, "description": "A dry run's answer."}}
+
+
 # The answers routes document, defined once: every route that reads or acts on a resource
-# (no key, wrong role, not found or out of scope, bad parameters); a dry run's 200.
+# (no key, wrong role, not found or out of scope, bad parameters); each dry run's 200.
 READ_ERRORS = problems(401, 403, 404, 422)
-DRY_RUN: dict[int | str, dict[str, Any]] = {
-    200: {"model": DryRunPublic, "description": "A dry run's answer."}
-}
+RUN_DRY_RUN = dry_run_answers(RunDryRun)
+EPOCH_DRY_RUN = dry_run_answers(EpochDryRun)
+RELEASE_DRY_RUN = dry_run_answers(ReleaseDryRun)

@@ -346,7 +346,8 @@ def test_a_success_without_json_is_a_clear_error() -> None:
 
 
 def test_a_body_missing_fields_is_a_clear_error() -> None:
-    client = client_for(Script(httpx.Response(200, json={"id": DATASET})))
+    body = {"id": DATASET, "description": ""}
+    client = client_for(Script(httpx.Response(200, json=body)))
     with client, pytest.raises(LedgerError, match="'epsilon_cap' is missing"):
         client.dataset(DATASET)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from opacus.accountants import RDPAccountant  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from tests.trainer_client.fake_ledger import dataset_body  # noqa: E402
+from tests.trainer_client.fake_ledger import TIME, dataset_body  # noqa: E402
 from trainer_client.models import Dataset, Epoch  # noqa: E402
 from trainer_client.opacus import OpacusLedgerAdapter  # noqa: E402
 
@@ -35,7 +36,7 @@ def epoch_for(
         sampling="poisson",
         beyond_plan=False,
         ledger_seq=3,
-        expires_at=None,
+        expires_at=datetime.fromisoformat(TIME),
         dataset=Dataset.from_json(dataset_body(epsilon_spent=1.5, epsilon_cap=8.0, delta=1e-5)),
     )
 

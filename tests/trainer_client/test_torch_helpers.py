@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from tests.trainer_client.fake_ledger import dataset_body  # noqa: E402
+from tests.trainer_client.fake_ledger import TIME, dataset_body  # noqa: E402
 from trainer_client.models import Dataset, Epoch  # noqa: E402
 from trainer_client.torch import (  # noqa: E402
     CLIP_EPSILON,
@@ -41,7 +42,7 @@ def make_epoch(
         sampling="poisson",
         beyond_plan=False,
         ledger_seq=3,
-        expires_at=None,
+        expires_at=datetime.fromisoformat(TIME),
         dataset=Dataset.from_json(dataset_body()),
     )
 

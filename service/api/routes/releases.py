@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from service.api import render
 from service.api.deps import CurrentKey, DatabaseDep, DryRun, IdempotencyKeyHeader, idempotency
 from service.api.responses import respond
-from service.api.schemas import DRY_RUN, ReleaseCreate, ReleasePublic, problems
+from service.api.schemas import RELEASE_DRY_RUN, ReleaseCreate, ReleasePublic, problems
 from service.domain import releases
 
 router = APIRouter(tags=["releases"])
@@ -19,7 +19,7 @@ router = APIRouter(tags=["releases"])
     status_code=201,
     response_model=ReleasePublic,
     operation_id="create_release",
-    responses={**problems(401, 403, 404, 409, body=True), **DRY_RUN},
+    responses={**problems(401, 403, 404, 409, body=True), **RELEASE_DRY_RUN},
 )
 def create_release(
     dataset_id: str,

@@ -18,8 +18,9 @@ from service.api.deps import (
 )
 from service.api.responses import respond
 from service.api.schemas import (
-    DRY_RUN,
+    EPOCH_DRY_RUN,
     READ_ERRORS,
+    RUN_DRY_RUN,
     EpochPublic,
     RunCreate,
     RunPage,
@@ -39,7 +40,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     status_code=201,
     response_model=RunWithDataset,
     operation_id="create_run",
-    responses={**problems(401, 403, 404, 409, body=True), **DRY_RUN},
+    responses={**problems(401, 403, 404, 409, body=True), **RUN_DRY_RUN},
 )
 def create_run(
     dataset_id: str,
@@ -107,7 +108,7 @@ def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
     status_code=201,
     response_model=EpochPublic,
     operation_id="reserve_epoch",
-    responses={**REFUSALS, **DRY_RUN},
+    responses={**REFUSALS, **EPOCH_DRY_RUN},
 )
 def reserve_epoch(
     run_id: str,
