@@ -10,6 +10,7 @@ import math
 from fractions import Fraction
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
 from hypothesis import given, settings
@@ -30,7 +31,9 @@ from accountant.members import (
 from tests.accountant.test_privacy_filter import log_uniform, mechanism_values
 
 
-def history_of(privacy_filter: MemberFilter, requests: list[mechanisms.Mechanism]):
+def history_of(
+    privacy_filter: MemberFilter, requests: list[mechanisms.Mechanism]
+) -> tuple[npt.NDArray[np.float64], PureTotal]:
     """(curve, pure total) of a list of mechanisms on the filter's grid."""
     curve = sum(
         (m.rdp(privacy_filter.orders) for m in requests), np.zeros(privacy_filter.orders.size)
@@ -189,7 +192,8 @@ def test_a_non_pure_mechanism_ends_the_pure_member_and_a_released_hold_restores_
     assert privacy_filter.decide(curve, laplace).epsilon == 0.5
     pending = laplace + hold
     assert pending.epsilon() == math.inf
-    assert privacy_filter.decide(curve, pending).member.kind == "rdp"
+    decided = privacy_filter.decide(curve, pending).member
+    assert decided is not None and decided.kind == "rdp"
     assert pending - hold == laplace
     assert PureTotal.from_text((pending).to_text()) == pending
     assert PureTotal.from_text("1/10") == PureTotal(Fraction(1, 10))
