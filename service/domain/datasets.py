@@ -141,13 +141,13 @@ def create(
 
 
 def refresh(db: Database, dataset_id: str) -> Dataset:
-    """The dataset row, its lapsed holds expired first if it may have any (the lazy expiry on
-    read); NotFound if there is no such dataset."""
+    """The dataset row, its owed corrections appended and lapsed holds expired first if it may
+    have any (the lazy expiry on read); NotFound if there is no such dataset."""
     with db.read() as session:
         dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise NotFound(f"dataset {dataset_id!r} not found")
-    if not holds.may_have_lapsed(dataset, utcnow()):
+    if not holds.due(dataset, utcnow()):
         return dataset
     refreshed: list[Dataset] = []
 
@@ -174,7 +174,7 @@ def listing(
     """Datasets visible to the key, in id order after a cursor; and whether more follow."""
     principal.require("trainer", "auditor")
     with db.read() as session:
-        lapsed = holds.datasets_with_lapsed(session, utcnow())
+        lapsed = holds.datasets_due(session, utcnow())
     for dataset_id in lapsed:
         if principal.sees(dataset_id):
             refresh(db, dataset_id)

@@ -15,23 +15,33 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from accountant import calibrate, exact
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
 from service.domain import ledger
-from service.domain.budget import Budget, loads_units
+from service.domain.budget import Budget, dumps_units, loads_units
 from service.domain.errors import DatasetFrozen
 from service.storage.models import Dataset, Run, utcnow
 
 SYSTEM_ACTOR = "system"
+# A shuffle epoch's sensitivity in clipping norms: adding a record to fixed-size shuffled
+# batches substitutes it for one record of one batch (docs/accounting.md §1, "Shuffled
+# batches"), so its noisy sum moves by up to 2C, not C.
+SHUFFLE_SENSITIVITY = 2.0
+_SHUFFLE_REASON = (
+    "shuffle epochs were charged as one Gaussian step of noise multiplier σ (sensitivity C); "
+    "with fixed-size shuffled batches adding a record is a substitution in one batch "
+    "(sensitivity 2C), so each epoch costs Gaussian(σ/2): docs/accounting.md §1"
+)
 
 
 def epoch_mechanism(run: Run, epochs: int = 1) -> Mechanism:
     """The mechanism `epochs` epochs of a run are charged as (see DESIGN.md §3)."""
     if run.sampling == "shuffle":
-        # Each record is in exactly one batch per epoch: one Gaussian step of σ per epoch.
-        return Gaussian(run.noise_multiplier, epochs)
+        # One substitution in one batch per epoch: one Gaussian step of sensitivity 2C.
+        return Gaussian(run.noise_multiplier / SHUFFLE_SENSITIVITY, epochs)
     return SubsampledGaussian(run.sample_rate, run.noise_multiplier, run.steps_per_epoch * epochs)
 
 
@@ -93,12 +103,99 @@ def may_have_lapsed(dataset: Dataset, now: datetime) -> bool:
     return dataset.lapse_check_at is not None and dataset.lapse_check_at <= now
 
 
+def due(dataset: Dataset, now: datetime) -> bool:
+    """Whether a write transaction has work on the dataset: corrections owed or a lapsed hold."""
+    return dataset.corrections_due or may_have_lapsed(dataset, now)
+
+
+def correct(session: Session, dataset: Dataset, budget: Budget, now: datetime) -> int:
+    """Top up, on a locked dataset flagged `corrections_due`, every shuffle run whose stored
+    epoch units are below its epoch mechanism's; returns how many runs were corrected.
+
+    Nothing is rewritten: a `correction` entry posts the difference for every epoch already
+    charged, a `hold_top_up` entry holds it for every epoch an active run still holds. Both
+    are forced (those epochs ran or were admitted already), so the dataset may end above its
+    cap: that is then its honest figure, and nothing new is admitted.
+    """
+    if not dataset.corrections_due:
+        return 0
+    statement = (
+        select(Run)
+        .where(Run.dataset_id == dataset.id, Run.sampling == "shuffle")
+        .order_by(Run.id)
+        .execution_options(populate_existing=True)
+    )
+    corrected = 0
+    for run in session.execute(statement).scalars():
+        before = loads_units(run.epoch_units)
+        # Per order the larger: an order charged above the new curve keeps its charge.
+        fresh = budget.units_of(epoch_mechanism(run))
+        after = [max(old, new) for old, new in zip(before, fresh, strict=True)]
+        if after == before:
+            continue
+        corrected += 1
+        _correct_run(session, dataset, budget, run, before, after, now)
+    dataset.corrections_due = False
+    return corrected
+
+
+def _correct_run(
+    session: Session,
+    dataset: Dataset,
+    budget: Budget,
+    run: Run,
+    before: list[int],
+    after: list[int],
+    now: datetime,
+) -> None:
+    step = exact.subtract(after, before)
+    details = {
+        "reason": _SHUFFLE_REASON,
+        "charged_before": Gaussian(run.noise_multiplier, 1).params(),
+        "epsilon_before": run.epsilon,
+    }
+    if run.epochs_charged:
+        units = [run.epochs_charged * unit for unit in step]
+        budget.charge(units, from_hold=False)
+        correction = ledger.Append(
+            "correction",
+            SYSTEM_ACTOR,
+            mechanism=epoch_mechanism(run, run.epochs_charged),
+            units=units,
+            run_id=run.id,
+            details={**details, "epochs": run.epochs_charged},
+        )
+        ledger.append(session, dataset, budget, correction, now)
+    remaining = max(0, run.epochs - run.epochs_charged) if run.status == "active" else 0
+    if remaining:
+        units = [remaining * unit for unit in step]
+        budget.hold(units)
+        top_up = ledger.Append(
+            "hold_top_up",
+            SYSTEM_ACTOR,
+            mechanism=epoch_mechanism(run, remaining),
+            units=units,
+            run_id=run.id,
+            details={**details, "epochs": remaining},
+        )
+        ledger.append(session, dataset, budget, top_up, now)
+    run.epoch_units = dumps_units(after)
+    # The run's own ε (same figures as a fresh plan: runs.calibrate_plan, q = 1).
+    sigma = run.noise_multiplier / SHUFFLE_SENSITIVITY
+    run.epsilon = calibrate.dp_sgd_epsilon(sigma, dataset.delta, 1.0, run.epochs)
+    run.epsilon_per_epoch = calibrate.dp_sgd_epsilon(sigma, dataset.delta, 1.0, 1)
+    run.updated_at = now
+
+
 def expire(session: Session, dataset: Dataset, budget: Budget, now: datetime) -> int:
-    """Expire every lapsed hold of a locked dataset; returns how many.
+    """Bring a locked dataset's holds up to date: the corrections it owes first (`correct`),
+    then expire every lapsed hold; returns how many expired.
 
     Looks at the runs only once the dataset's lapse bound is reached, and then
-    moves the bound to the earliest lease still running.
+    moves the bound to the earliest lease still running. Corrections come first so
+    that a lapsed hold releases what its (corrected) run holds.
     """
+    correct(session, dataset, budget, now)
     if not may_have_lapsed(dataset, now):
         return 0
     active = (Run.dataset_id == dataset.id, Run.status == "active")
@@ -117,14 +214,19 @@ def expire(session: Session, dataset: Dataset, budget: Budget, now: datetime) ->
     return len(runs)
 
 
-def datasets_with_lapsed(session: Session, now: datetime) -> list[str]:
-    """Ids of datasets that may have a lapsed hold (their lapse bound is reached)."""
-    statement = select(Dataset.id).where(Dataset.lapse_check_at <= now).order_by(Dataset.id)
+def datasets_due(session: Session, now: datetime) -> list[str]:
+    """Ids of datasets owing corrections or that may have a lapsed hold (see `due`)."""
+    statement = (
+        select(Dataset.id)
+        .where(or_(Dataset.corrections_due, Dataset.lapse_check_at <= now))
+        .order_by(Dataset.id)
+    )
     return list(session.execute(statement).scalars())
 
 
 def begin(session: Session, dataset: Dataset, *, charging: bool = True) -> tuple[datetime, Budget]:
-    """Start an admission on a locked dataset: the time, its budget with lapsed holds expired.
+    """Start an admission on a locked dataset: the time, its budget with owed corrections
+    appended and lapsed holds expired.
 
     With `charging`, a frozen dataset refuses the admission outright.
     """

@@ -4,7 +4,8 @@ Each entry's hash is SHA-256 over `prev_hash` and a canonical JSON encoding of
 every other field (sorted keys, no whitespace, floats by repr, which
 round-trips exactly). Replaying the entries in order — hold: pending += units;
 charge: posted += units (and pending -= units when it came from a hold);
-release_hold: pending -= units; void: posted -= units — must reproduce the
+release_hold: pending -= units; void: posted -= units; correction: posted +=
+units; hold_top_up: pending += units — must reproduce the
 dataset row's cached curves exactly (integer units, so there is no rounding).
 """
 
@@ -126,6 +127,10 @@ def apply(budget: Budget, entry: LedgerEntry) -> None:
         budget.release(units)
     elif entry.kind == "void":
         budget.void(units)
+    elif entry.kind == "correction":
+        budget.charge(units, from_hold=False)
+    elif entry.kind == "hold_top_up":
+        budget.hold(units)
 
 
 def entries(

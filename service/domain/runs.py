@@ -67,29 +67,44 @@ class Calibration:
 
 
 def calibrate_plan(spec: RunSpec, delta: float) -> Calibration:
-    """σ from target_epsilon (or as given), and the plan's ε; InvalidRequest if impossible."""
-    # Shuffled batches: an epoch is one Gaussian step of σ (no amplification), as if q = 1.
-    q, steps = (1.0, 1) if spec.sampling == "shuffle" else (spec.sample_rate, spec.steps_per_epoch)
-    return _calibration(q, steps, spec.epochs, spec.target_epsilon, spec.noise_multiplier, delta)
+    """σ from target_epsilon (or as given), and the plan's ε; InvalidRequest if impossible.
+
+    The mechanism is the one each epoch is charged as (`holds.epoch_mechanism`), so the
+    plan's ε and σ match its hold.
+    """
+    if spec.sampling == "shuffle":
+        # One Gaussian step of sensitivity 2C per epoch, no amplification: q = 1, one step of
+        # σ/2 (docs/accounting.md §1, "Shuffled batches").
+        q, steps, sensitivity = 1.0, 1, holds.SHUFFLE_SENSITIVITY
+    else:
+        q, steps, sensitivity = spec.sample_rate, spec.steps_per_epoch, 1.0
+    return _calibration(
+        q, steps, sensitivity, spec.epochs, spec.target_epsilon, spec.noise_multiplier, delta
+    )
 
 
 @lru_cache(maxsize=4096)
 def _calibration(
     q: float,
     steps: int,
+    sensitivity: float,
     epochs: int,
     target_epsilon: float | None,
     noise_multiplier: float | None,
     delta: float,
 ) -> Calibration:
+    # σ is the trainer's (noise std / clipping norm); σ / sensitivity is the charged one.
+    # Scaling by 2 is exact in binary floating point, so the two round-trip.
     try:
         if target_epsilon is not None:
-            sigma = calibrate.noise_multiplier(target_epsilon, delta, q, steps * epochs)
+            charged = calibrate.noise_multiplier(target_epsilon, delta, q, steps * epochs)
+            sigma = charged * sensitivity
         else:
             assert noise_multiplier is not None
             sigma = noise_multiplier
-        epsilon = calibrate.dp_sgd_epsilon(sigma, delta, q, steps * epochs)
-        per_epoch = calibrate.dp_sgd_epsilon(sigma, delta, q, steps)
+            charged = sigma / sensitivity
+        epsilon = calibrate.dp_sgd_epsilon(charged, delta, q, steps * epochs)
+        per_epoch = calibrate.dp_sgd_epsilon(charged, delta, q, steps)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if not (epsilon < float("inf")):

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -57,6 +58,8 @@ ENTRY_KINDS = (
     "freeze",
     "unfreeze",
     "description_change",
+    "correction",
+    "hold_top_up",
 )
 
 
@@ -104,6 +107,9 @@ class Dataset(Base):
     active_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # No active run's lease ends before this (a lower bound; NULL: no active run).
     lapse_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Shuffle runs charged under the old shuffle charge await their correction entries
+    # (migration 0003; holds.correct clears it in the dataset's next write transaction).
+    corrections_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

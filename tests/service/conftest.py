@@ -172,4 +172,8 @@ def replay_units(entries: list[dict[str, Any]], size: int) -> tuple[list[int], l
             pending = exact.subtract(pending, units)
         elif entry["kind"] == "void":
             posted = exact.subtract(posted, units)
+        elif entry["kind"] == "correction":
+            posted = exact.add(posted, units)
+        elif entry["kind"] == "hold_top_up":
+            pending = exact.add(pending, units)
     return posted, pending

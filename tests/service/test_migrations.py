@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, MetaData, create_engine, insert, select
+from sqlalchemy import Engine, MetaData, create_engine, insert, select, text
+from sqlalchemy.exc import DBAPIError
 
 from service.storage import migrate
 from service.storage.models import Base
@@ -106,5 +108,67 @@ def test_0002_counts_active_runs_and_bounds_their_leases(database_url: str) -> N
         tables = MetaData()
         tables.reflect(engine)
         assert "active_runs" not in tables.tables["datasets"].c
+    finally:
+        engine.dispose()
+
+
+def test_0003_keeps_the_ledger_append_only_and_refuses_to_drop_corrections(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        _to(engine, "head")
+        tables = MetaData()
+        tables.reflect(engine)
+        datasets, entries = tables.tables["datasets"], tables.tables["ledger_entries"]
+        dataset = {
+            "id": "d",
+            "description": "",
+            "epsilon_cap": 1.0,
+            "delta": 1e-5,
+            "frozen": False,
+            "orders": "[2.0]",
+            "posted_units": "[1]",
+            "pending_units": "[0]",
+            "last_seq": 1,
+            "last_hash": "0" * 64,
+            "created_at": T0,
+            "updated_at": T0,
+        }
+        entry = {
+            "dataset_id": "d",
+            "seq": 1,
+            "kind": "correction",
+            "units": "[1]",
+            "actor": "system",
+            "epsilon_spent_after": 0.0,
+            "epsilon_reserved_after": 0.0,
+            "details": "{}",
+            "created_at": "2026-01-01T00:00:00.000000Z",
+            "prev_hash": "0" * 64,
+            "hash": "0" * 64,
+        }
+        with engine.begin() as connection:
+            connection.execute(insert(datasets).values(**dataset))
+            connection.execute(insert(entries).values(**entry))
+        # The append-only triggers survived the table copy (SQLite) of the kind constraint.
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.execute(text("UPDATE ledger_entries SET actor = 'x'"))
+        # A correction cannot be kept under the old kinds, nor deleted: no downgrade.
+        with pytest.raises(RuntimeError, match="append-only"):
+            _to(engine, "0002", down=True)
+    finally:
+        engine.dispose()
+
+
+def test_0003_downgrades_an_uncorrected_database(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        _to(engine, "head")
+        _to(engine, "0002", down=True)
+        tables = MetaData()
+        tables.reflect(engine)
+        assert "corrections_due" not in tables.tables["datasets"].c
+        _to(engine, "head")
     finally:
         engine.dispose()
