@@ -197,25 +197,19 @@ class OpacusLedgerAdapter:
     def _add_noise(self) -> None:
         """The optimizer's add_noise: refuse an uncharged step, else add os.urandom noise."""
         optimizer, epoch = self.optimizer, self.epoch
-        if epoch is None:
-            raise UnchargedStep(
-                "an optimizer step before begin_epoch: σ must come from the ledger's epoch first"
-            )
-        if self.steps_taken >= epoch.steps:
-            raise UnchargedStep(
-                f"step {self.steps_taken + 1} of epoch {epoch.index}: the ledger charged "
-                f"{epoch.steps} steps; reserve the next epoch first"
-            )
-        if self.sampler is not None and self.sampler.batches_drawn <= self.steps_taken:
-            raise UnchargedStep(
-                "this step's batch was not drawn by the adapter's Poisson sampler: iterate the "
-                "data loader given to the adapter, after begin_epoch"
-            )
-        if optimizer.noise_multiplier != epoch.noise_multiplier:
-            raise UnchargedStep(
-                f"the optimizer's noise multiplier is {optimizer.noise_multiplier}, the ledger's "
-                f"epoch {epoch.index} gave {epoch.noise_multiplier}"
-            )
+        refusal = (
+            "an optimizer step before begin_epoch: σ must come from the ledger's epoch first"
+            if epoch is None
+            else self._refusal(epoch)
+        )
+        if refusal is not None or epoch is None:
+            # The refused step's clipped gradients are already summed into each parameter;
+            # kept, they would join the next charged step's sum (a record's sensitivity 2C).
+            for p in optimizer.params:
+                p.grad_sample = None
+                p.summed_grad = None
+                p.grad = None
+            raise UnchargedStep(refusal)
         # Opacus' own add_noise at σ = 0 draws nothing and does the bookkeeping (summed
         # gradient into .grad, its processed flags); our noise is added on top of it.
         optimizer.noise_multiplier = 0.0
@@ -232,6 +226,26 @@ class OpacusLedgerAdapter:
             offset += p.numel()
             p.grad.add_(part.to(dtype=p.grad.dtype, device=p.grad.device))
         self.steps_taken += 1
+
+    def _refusal(self, epoch: Epoch) -> str | None:
+        """Why the step about to be taken in `epoch` was not charged, or None if it was."""
+        optimizer = self.optimizer
+        if self.steps_taken >= epoch.steps:
+            return (
+                f"step {self.steps_taken + 1} of epoch {epoch.index}: the ledger charged "
+                f"{epoch.steps} steps; reserve the next epoch first"
+            )
+        if self.sampler is not None and self.sampler.batches_drawn <= self.steps_taken:
+            return (
+                "this step's batch was not drawn by the adapter's Poisson sampler: iterate the "
+                "data loader given to the adapter, after begin_epoch"
+            )
+        if optimizer.noise_multiplier != epoch.noise_multiplier:
+            return (
+                f"the optimizer's noise multiplier is {optimizer.noise_multiplier}, the ledger's "
+                f"epoch {epoch.index} gave {epoch.noise_multiplier}"
+            )
+        return None
 
     def report(self, epoch: Epoch) -> EpsilonReport:
         """Opacus' accountant ε and the ledger's dataset ε, both at the dataset's δ."""

@@ -20,7 +20,7 @@ the gradient noise) is drawn from the operating system's CSPRNG
 (``os.urandom``), never from torch's global or a caller's generator, so no
 seed anywhere can regenerate it. A seeded ``torch.Generator`` is accepted for
 tests only, with ``allow_insecure=True``, and warns with
-`InsecureRandomnessWarning` every time it is used.
+`InsecureRandomnessWarning` (each noisy step; each sampler when it is made).
 
 * The sampler includes record i iff u_i < T, u_i a uniform 63-bit integer and
   T = ⌊q·2⁶³⌋ computed exactly, so the inclusion probability T/2⁶³ is never

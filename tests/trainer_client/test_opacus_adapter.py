@@ -227,6 +227,8 @@ def test_a_step_beyond_the_charged_steps_is_refused_not_taken(
         one_step(model, optimizer, x, y)
     for p, old in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p.detach(), old)
+        # Its clipped sum is dropped, not carried into the next charged step's sum.
+        assert p.summed_grad is None and p.grad_sample is None and p.grad is None
     assert engine.accountant.history == [(1.7, 0.125, 8)]  # Opacus counted 8 steps, not 9
     adapter.begin_epoch(epoch_for(1.7, index=2))  # the next charged epoch goes on
     train_one_epoch(model, optimizer, loader)
