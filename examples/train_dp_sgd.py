@@ -12,6 +12,11 @@ and refuses what would exceed the dataset's cap. The data are synthetic
 
 With ``--beyond-plan`` it keeps training past the planned epochs for as long
 as the ledger admits more, and stops cleanly at the first refusal.
+
+``--seed`` fixes the synthetic data and the model's initial weights only
+(neither is private). The batches and the noise always come from the
+operating system's CSPRNG: a seed that reached them would let whoever knows
+it regenerate the noise, and the privacy with it.
 """
 
 from __future__ import annotations
@@ -64,7 +69,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     training = parser.add_argument_group("training")
     training.add_argument("--records", type=int, default=4000, help="synthetic training records")
     training.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    training.add_argument("--seed", type=int, default=0, help="seed for data, model and noise")
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the synthetic data and the initial weights only; never the noise or "
+        "the batches, which come from os.urandom",
+    )
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("an API key is needed: --api-key or $LEDGER_API_KEY")
@@ -90,6 +101,15 @@ def synthetic_blobs(
 def mlp() -> nn.Module:
     """A small multi-layer perceptron (no BatchNorm: DP-SGD needs per-example gradients)."""
     return nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+
+
+def initial_model(seed: int) -> nn.Module:
+    """The MLP with initial weights fixed by `seed` (public: they depend on no record)."""
+    # fork_rng: the seed sets torch's global generator for the initialisation only, and the
+    # caller's global state comes back afterwards. The noise never reads that generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return mlp()
 
 
 class ProgressBar:
@@ -137,18 +157,20 @@ def accuracy(model: nn.Module, points: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train(run: Run, args: argparse.Namespace, out: TextIO) -> nn.Module:
-    """The DP-SGD loop: every epoch's σ, q and steps come from the ledger."""
-    generator = torch.Generator().manual_seed(args.seed)
-    points, labels = synthetic_blobs(blob_centres(args.seed), args.records, generator)
-    torch.manual_seed(args.seed)
-    model = mlp()
+    """The DP-SGD loop: every epoch's σ, q and steps come from the ledger.
+
+    `args.seed` makes the data and the initial weights; the batches and the
+    noise are drawn from os.urandom by `poisson_loader` and `DPSGDStep`.
+    """
+    data_generator = torch.Generator().manual_seed(args.seed)
+    points, labels = synthetic_blobs(blob_centres(args.seed), args.records, data_generator)
+    model = initial_model(args.seed)
     step = DPSGDStep(
         model,
         nn.CrossEntropyLoss(),
         torch.optim.SGD(model.parameters(), lr=args.lr),
         dataset_size=args.records,
         max_grad_norm=args.max_grad_norm,
-        generator=generator,
     )
     bar = ProgressBar(out)
     total = run.epochs
@@ -157,9 +179,7 @@ def train(run: Run, args: argparse.Namespace, out: TextIO) -> nn.Module:
         total = max(total, epoch.index)
         loss: float | None = None
         bar.draw(epoch, total, 0, loss)
-        batches = poisson_loader(
-            (points, labels), epoch.sample_rate, epoch.steps, generator=generator
-        )
+        batches = poisson_loader((points, labels), epoch.sample_rate, epoch.steps)
         for number, batch in enumerate(batches, start=1):
             stats = step(batch, epoch)
             if stats.mean_loss is not None:

@@ -1,4 +1,8 @@
-"""The PyTorch helpers, numerically: Poisson batches, per-example clipping, the noise's scale."""
+"""The PyTorch helpers, numerically: Poisson batches, per-example clipping, the noise's scale.
+
+The batches and the noise come from os.urandom, so the statistical tests see fresh draws on
+every run; their bounds are set for false alarms of about one in a million.
+"""
 
 from __future__ import annotations
 
@@ -128,7 +132,6 @@ def test_the_optimizer_steps_on_the_noisy_gradient() -> None:
         epoch=make_epoch(1.0),
         expected_batch_size=4.0,
         optimizer=optimizer,
-        generator=torch.Generator().manual_seed(1),
     )
     for p, old in zip(model.parameters(), before, strict=True):
         assert p.grad is not None
@@ -164,7 +167,6 @@ def test_noise_standard_deviation_is_sigma_times_clip(sigma: float, clip: float)
         epoch=make_epoch(sigma, max_grad_norm=clip),
         expected_batch_size=expected_batch,
         optimizer=optimizer,
-        generator=torch.Generator().manual_seed(1234),
     )
     assert model.weight.grad is not None
     noise = model.weight.grad * expected_batch  # undo the division by q·n
@@ -190,7 +192,6 @@ def test_an_empty_batch_gets_noise_only() -> None:
         epoch=make_epoch(2.0, max_grad_norm=0.5),
         expected_batch_size=1.0,
         optimizer=optimizer,
-        generator=torch.Generator().manual_seed(5),
     )
     assert stats.batch_size == 0 and stats.mean_loss is None and stats.clipped == 0
     assert model.weight.grad is not None
@@ -235,7 +236,6 @@ def test_dpsgd_step_uses_the_expected_batch_size_from_the_epoch() -> None:
         lambda out, target: ((out - target) ** 2).mean(),
         optimizer,
         dataset_size=1000,
-        generator=torch.Generator().manual_seed(9),
     )
     batch = (torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     step(batch, make_epoch(1.0, max_grad_norm=1.0, sample_rate=0.02))
@@ -249,7 +249,7 @@ def test_dpsgd_step_uses_the_expected_batch_size_from_the_epoch() -> None:
 
 def test_poisson_batch_sizes_are_binomial() -> None:
     n, q, steps = 1000, 0.05, 4000
-    sampler = PoissonSampler(n, q, steps, generator=torch.Generator().manual_seed(0))
+    sampler = PoissonSampler(n, q, steps)
     batches = list(sampler)
     assert len(batches) == steps == len(sampler)
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
@@ -270,7 +270,7 @@ def test_poisson_batch_sizes_are_binomial() -> None:
 
 def test_poisson_batch_sizes_pass_a_chi_square_test() -> None:
     n, q, steps = 20, 0.1, 5000
-    sampler = PoissonSampler(n, q, steps, generator=torch.Generator().manual_seed(3))
+    sampler = PoissonSampler(n, q, steps)
     observed = [0] * (n + 1)
     for batch in sampler:
         observed[len(batch)] += 1
@@ -281,8 +281,9 @@ def test_poisson_batch_sizes_pass_a_chi_square_test() -> None:
     seen = [*observed[:cut], sum(observed[cut:])]
     statistic = sum((o - e) ** 2 / e for o, e in zip(seen, expected, strict=True))
     dof = len(expected) - 1
-    # 99.9th percentile of χ²(dof), Wilson–Hilferty approximation.
-    z = 3.090
+    # 99.9999th percentile of χ²(dof), Wilson–Hilferty approximation: the batches come from
+    # os.urandom, so this test sees fresh draws every run and may fail once in a million.
+    z = 4.753
     critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
     assert statistic < critical, (statistic, critical, seen, expected)
     assert observed[0] > 0  # empty batches happen (P = 0.9^20 ≈ 12 %) and are kept
@@ -291,7 +292,7 @@ def test_poisson_batch_sizes_pass_a_chi_square_test() -> None:
 def test_poisson_loader_over_tensors_gives_variable_and_empty_batches() -> None:
     x = torch.arange(30, dtype=torch.float32).reshape(15, 2)
     y = torch.arange(15)
-    loader = poisson_loader((x, y), 0.1, 200, generator=torch.Generator().manual_seed(0))
+    loader = poisson_loader((x, y), 0.1, 200)
     batches = list(loader)
     assert len(batches) == 200 == len(loader)  # type: ignore[arg-type]
     sizes = {int(b[0].shape[0]) for b in batches}
@@ -303,7 +304,7 @@ def test_poisson_loader_over_tensors_gives_variable_and_empty_batches() -> None:
 
 def test_poisson_loader_over_a_dataset_collates_empty_batches() -> None:
     data = TensorDataset(torch.randn(10, 3), torch.arange(10))
-    loader = poisson_loader(data, 0.05, 100, generator=torch.Generator().manual_seed(1))
+    loader = poisson_loader(data, 0.05, 100)
     shapes = [(tuple(bx.shape), tuple(by.shape), by.dtype) for bx, by in loader]
     assert ((0, 3), (0,), torch.int64) in shapes
     assert any(s[0][0] > 0 for s in shapes)
