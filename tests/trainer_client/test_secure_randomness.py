@@ -11,7 +11,9 @@ import argparse
 import importlib.util
 import io
 import math
+import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -52,7 +54,7 @@ def make_epoch(
         sampling="poisson",
         beyond_plan=False,
         ledger_seq=3,
-        expires_at=None,
+        expires_at=datetime(2026, 1, 1, tzinfo=UTC),
         dataset=Dataset.from_json(dataset_body()),
     )
 
@@ -104,13 +106,13 @@ def test_the_noise_leaves_torch_global_generator_alone_and_reads_os_urandom(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     requested: list[int] = []
-    real_urandom = helpers.os.urandom
+    real_urandom = os.urandom
 
     def counting_urandom(size: int) -> bytes:
         requested.append(size)
         return real_urandom(size)
 
-    monkeypatch.setattr(helpers.os, "urandom", counting_urandom)
+    monkeypatch.setattr(os, "urandom", counting_urandom)  # what trainer_client.torch reads
     state = torch.get_rng_state()
     noise_of_one_step(0)
     # 4 normals per coordinate from 2 Box–Muller pairs, 8 bytes per uniform: 32 bytes each.
