@@ -17,6 +17,16 @@ POSTGRES_SKIP = (
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _secret_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every app and server the suite starts keys its fingerprints from a file of its own
+    (not `privacy-ledger.key` in the checkout); subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("secret") / "privacy-ledger.key"
+        patch.setenv("LEDGER_SECRET_KEY_FILE", str(path))
+        yield
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Iterator[str]:
     """An empty database: a SQLite file, or a PostgreSQL database created and dropped here."""
