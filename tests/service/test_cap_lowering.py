@@ -7,7 +7,8 @@ from typing import Any
 
 from tests.service.conftest import Api
 
-PLAN = {"sample_rate": 0.01, "steps_per_epoch": 100, "epochs": 4, "noise_multiplier": 1.0}
+EPOCHS = 4
+PLAN = {"sample_rate": 0.01, "steps_per_epoch": 100, "epochs": EPOCHS, "noise_multiplier": 1.0}
 
 
 def _dataset(api: Api) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def test_a_cap_below_reserved_is_refused_and_changes_nothing(api: Api) -> None:
     lowered = api.patch("/v1/datasets/d", {"epsilon_cap": cap})
     assert lowered.status_code == 200, lowered.text
     assert lowered.json()["ledger_seq"] == before["ledger_seq"] + 1
-    for _ in range(PLAN["epochs"] - 1):
+    for _ in range(EPOCHS - 1):
         epoch = trainer.post(f"/v1/runs/{run_id}/epochs")
         assert epoch.status_code == 201, epoch.text
     after = _dataset(api)
