@@ -61,8 +61,10 @@ def test(args: list[str]) -> None:
     _run(PYTHON, "-m", "mypy", *CHECKED_PACKAGES)
     if os.environ.get("LEDGER_TEST_POSTGRES_URL"):
         print("dev.py: storage tests run on SQLite and on PostgreSQL", flush=True)
+    elif os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+        print("dev.py: CI is set but LEDGER_TEST_POSTGRES_URL is not: PostgreSQL tests will fail")
     else:
-        print("dev.py: LEDGER_TEST_POSTGRES_URL is not set: PostgreSQL tests will skip", flush=True)
+        print("dev.py: LEDGER_TEST_POSTGRES_URL is not set: PostgreSQL tests are left out")
     _run(PYTHON, "-m", "pytest", *args)
 
 

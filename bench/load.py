@@ -675,7 +675,8 @@ class Seeder:
     def _key(self) -> Idempotency:
         # Seeded keys are never presented again: any fingerprint will do.
         key = str(uuid.uuid4())
-        return Idempotency(self.principal.id, key, hashlib.sha256(key.encode()).hexdigest())
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return Idempotency(self.principal.id, key, digest, digest)
 
     def create_dataset(self) -> None:
         """The dataset (its `dataset_created` entry is the first)."""

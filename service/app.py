@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import secret_key
 from service.api import errors
 from service.api.errors import problem
 from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
@@ -121,6 +122,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # Loaded (or created) before serving anything: a bad key file stops the worker here.
+    app.state.fingerprint_key = secret_key.load(settings)
     app.state.db = database or Database(settings.database_url)
     errors.install(app)
     for module in (health, datasets, runs, releases, ledger, keys, accountant):

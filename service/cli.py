@@ -14,11 +14,19 @@ from service.settings import get_settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service import secret_key
     from service.domain import keys
     from service.storage import migrate
     from service.storage.database import Database
 
     settings = get_settings()
+    try:
+        # Before any worker starts: a bad key file is one clear message, and a new one is
+        # created here once, so the workers only read it.
+        secret_key.load(settings)
+    except secret_key.SecretKeyError as exc:
+        print(f"privacy-ledger: {exc}", file=sys.stderr)
+        return 2
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Workers share their counters through files here (set before any worker starts).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="privacy-ledger-metrics-")

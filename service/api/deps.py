@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 from typing import Annotated, Any
 
@@ -11,7 +13,7 @@ from pydantic import BaseModel
 
 from service.domain import keys
 from service.domain.keys import Principal
-from service.domain.transactions import Idempotency
+from service.domain.transactions import HMAC_PREFIX, Idempotency
 from service.settings import Settings
 from service.storage.database import Database
 
@@ -65,7 +67,13 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 def idempotency(
     request: Request, principal: Principal, key: str | None, body: BaseModel | None
 ) -> Idempotency | None:
-    """The request's idempotency scope: key holder, key and a fingerprint of the request."""
+    """The request's idempotency scope: key holder, key and a fingerprint of the request.
+
+    The fingerprint is an HMAC-SHA256 under the server secret: the stored record must not let
+    anyone who reads the database recompute it from guessed bodies (a released count is
+    found from an unkeyed hash in under a second). The unkeyed SHA-256 that records written
+    before carry is computed too, over the same bytes, only to compare with those records.
+    """
     if key is None:
         return None
     fingerprint: dict[str, Any] = {
@@ -74,5 +82,9 @@ def idempotency(
         "query": sorted(request.query_params.multi_items()),
         "body": body.model_dump(mode="json") if body is not None else None,
     }
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-    return Idempotency(principal.id, key, digest)
+    canonical = json.dumps(fingerprint, sort_keys=True).encode()
+    secret: bytes = request.app.state.fingerprint_key
+    # base64url without padding: prefix + 43 characters fit the 64-character column.
+    mac = hmac.new(secret, canonical, hashlib.sha256).digest()
+    keyed = HMAC_PREFIX + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    return Idempotency(principal.id, key, keyed, hashlib.sha256(canonical).hexdigest())

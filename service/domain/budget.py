@@ -98,6 +98,23 @@ class Budget:
             exact.to_curve(exact.add(exact.add(self.posted, self.pending), cost))
         )
 
+    def with_cap(self, epsilon_cap: float) -> Budget:
+        """The same posted and pending curves under the filter of another cap."""
+        delta = self.filter.delta
+        return Budget(
+            cap_filter(epsilon_cap, delta, self.orders), self.orders, self.posted, self.pending
+        )
+
+    def admits_reserved(self) -> bool:
+        """Whether the filter admits what is already posted and pending (nothing more).
+
+        An empty history is within any cap (its ε is 0), even a cap of 0 whose filter admits
+        no curve at all.
+        """
+        if not any(self.posted) and not any(self.pending):
+            return True
+        return self.filter.admits(exact.to_curve(exact.add(self.posted, self.pending)))
+
     def own_epsilon(self, cost: Units) -> float:
         """A cost's own ε at the dataset's δ (not a filter figure)."""
         return _own_epsilon(self.filter.delta, self.orders, tuple(cost))

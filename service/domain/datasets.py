@@ -14,7 +14,7 @@ from accountant import DEFAULT_ORDERS
 from accountant.mechanisms import from_params
 from service.domain import holds, ledger
 from service.domain.budget import Budget, dumps_units, loads_units
-from service.domain.errors import Conflict, NotFound
+from service.domain.errors import CapBelowReserved, Conflict, NotFound
 from service.domain.keys import Principal
 from service.domain.transactions import Body, Idempotency, Outcome, write
 from service.storage.database import Database
@@ -207,6 +207,8 @@ def update(
         reason = {"reason": patch.reason} if patch.reason else {}
         if patch.epsilon_cap is not None and patch.epsilon_cap != dataset.epsilon_cap:
             old = dataset.epsilon_cap
+            if patch.epsilon_cap < old:
+                _check_lower_cap(Budget.of(dataset), patch.epsilon_cap, old)
             dataset.epsilon_cap = patch.epsilon_cap
             details = {"old": old, "new": patch.epsilon_cap, **reason}
             entry = ledger.Append("cap_change", principal.id, idempotency_key=key, details=details)
@@ -227,6 +229,26 @@ def update(
 
     principal.require_dataset(dataset_id)
     return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
+
+
+def _check_lower_cap(budget: Budget, epsilon_cap: float, old: float) -> None:
+    """Refuse a lower cap whose filter would not admit what is posted and held.
+
+    Held epochs post later without a new admission, so a cap they no longer fit under would
+    let the reported ε pass the cap (docs/accounting.md, "Lowering a cap").
+    """
+    if budget.with_cap(epsilon_cap).admits_reserved():
+        return
+    spent, reserved = budget.epsilon_spent(), budget.epsilon_reserved()
+    raise CapBelowReserved(
+        f"a cap of {epsilon_cap:g} is below what the dataset has already spent and held "
+        f"(reserved ε={reserved:.6g}, spent ε={spent:.6g}); lower it to at least the reserved "
+        "ε, or after the runs that hold budget complete, abort or expire",
+        epsilon_cap=old,
+        epsilon_cap_requested=epsilon_cap,
+        epsilon_spent=spent,
+        epsilon_reserved=reserved,
+    )
 
 
 def void(

@@ -54,6 +54,12 @@ class BudgetExhausted(DomainError):
     status, code, title = 409, "budget_exhausted", "Budget exhausted"
 
 
+class CapBelowReserved(DomainError):
+    """A lower cap would not admit what the dataset has already posted and held."""
+
+    status, code, title = 409, "cap_below_reserved", "Cap below reserved budget"
+
+
 class DatasetFrozen(DomainError):
     """An admin froze the dataset: nothing is charged until it is unfrozen."""
 

@@ -10,6 +10,7 @@ finds the winner's record or row.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -34,14 +35,27 @@ from service.storage.models import Dataset, IdempotencyRecord, utcnow
 
 Body = dict[str, Any]
 
+# Marks a keyed fingerprint; a stored fingerprint without it is a legacy unkeyed SHA-256 (hex).
+HMAC_PREFIX = "hmac-sha256:"
+
 
 @dataclass(frozen=True)
 class Idempotency:
-    """An Idempotency-Key as presented by one API key, with the request's fingerprint."""
+    """An Idempotency-Key as presented by one API key, with the request's fingerprints.
+
+    `request_hash` (keyed, HMAC_PREFIX) is what is stored; `legacy_hash` (the unkeyed SHA-256
+    of the same request) is only compared with records written before fingerprints were keyed.
+    """
 
     holder: str
     key: str
     request_hash: str
+    legacy_hash: str
+
+    def matches(self, stored: str) -> bool:
+        """Whether a stored fingerprint is this request's (keyed or legacy)."""
+        mine = self.request_hash if stored.startswith(HMAC_PREFIX) else self.legacy_hash
+        return hmac.compare_digest(stored.encode(), mine.encode())
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,7 @@ def _replay(session: Session, idempotency: Idempotency) -> Outcome | None:
     record = session.get(IdempotencyRecord, (idempotency.holder, idempotency.key))
     if record is None:
         return None
-    if record.request_hash != idempotency.request_hash:
+    if not idempotency.matches(record.request_hash):
         raise IdempotencyConflict(
             "this Idempotency-Key was already used for a different request",
             idempotency_key=idempotency.key,

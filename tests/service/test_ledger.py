@@ -213,11 +213,15 @@ def test_cap_changes_and_freeze_are_entries(api: Api) -> None:
     assert frozen.json()["frozen"] is True
     refused = api.post("/v1/datasets/d/releases", release)
     assert refused.status_code == 409 and refused.json()["code"] == "dataset_frozen"
-    api.patch("/v1/datasets/d", {"frozen": False, "epsilon_cap": 0.5, "description": "shrunk"})
-    # Lowered below what is spent: nothing new is admitted, and the figures stay truthful.
+    # Lowered below what is spent: refused as a whole (the unfreeze with it too), so the
+    # reported ε never passes the cap.
+    patch = {"frozen": False, "epsilon_cap": 0.5, "description": "shrunk"}
+    below = api.patch("/v1/datasets/d", patch)
+    assert below.status_code == 409 and below.json()["code"] == "cap_below_reserved"
+    assert api.get("/v1/datasets/d").json()["frozen"] is True
+    api.patch("/v1/datasets/d", {"frozen": False, "epsilon_cap": 2.0, "description": "shrunk"})
     lowered = api.get("/v1/datasets/d").json()
-    assert lowered["epsilon_spent"] > lowered["epsilon_cap"] == 0.5
-    assert lowered["epsilon_remaining"] == 0.0
+    assert lowered["epsilon_reserved"] <= lowered["epsilon_cap"] == 2.0
     assert api.post("/v1/datasets/d/releases", release).json()["code"] == "budget_exhausted"
     kinds = [e["kind"] for e in _entries(api)]
     assert kinds == [

@@ -265,13 +265,19 @@ def test_container_entrypoint_runs_on_the_host(tmp_path: Path) -> None:
     env["LEDGER_ADMIN_KEY"] = ADMIN_KEY
     entrypoint = str(ROOT / "docker" / "entrypoint.sh")
     migrated = subprocess.run(
-        ["sh", entrypoint, "migrate"], env=env, capture_output=True, text=True, timeout=60
+        ["sh", entrypoint, "migrate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert migrated.returncode == 0, migrated.stderr
     port = free_port()
     env.update(LEDGER_HOST="127.0.0.1", LEDGER_PORT=str(port), LEDGER_WORKERS="1")
     process = subprocess.Popen(
         ["sh", entrypoint, "serve"],
+        cwd=tmp_path,  # where the server creates its key file
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

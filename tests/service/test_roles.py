@@ -31,7 +31,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.storage import migrate
 from service.storage.database import Database
-from tests.conftest import POSTGRES_SKIP, POSTGRES_URL
+from tests.conftest import require_postgres
 from tests.service.conftest import ADMIN_KEY, Api
 
 TARGET = "roles-target"  # the dataset every dataset-bound case is aimed at
@@ -52,13 +52,12 @@ def served_app(backend: str, directory: Path) -> Iterator[TestClient]:
     if backend == "sqlite":
         url = f"sqlite:///{os.path.join(directory, 'ledger.db')}"
     else:
-        if not POSTGRES_URL:
-            pytest.skip(POSTGRES_SKIP)
+        postgres_url = require_postgres()
         name = f"ledger_test_{uuid.uuid4().hex[:16]}"
-        admin_engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        admin_engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
         with admin_engine.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     try:
         database = Database(url)
         try:

@@ -64,7 +64,7 @@ def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Data
     "/{dataset_id}",
     response_model=DatasetPublic,
     operation_id="update_dataset",
-    responses=problems(401, 403, 404, body=True),
+    responses=problems(401, 403, 404, 409, body=True),
 )
 def update_dataset(
     dataset_id: str,
@@ -74,7 +74,10 @@ def update_dataset(
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    """Raise/lower the cap, freeze/unfreeze, or change the description; each is a ledger entry."""
+    """Raise/lower the cap, freeze/unfreeze, or change the description; each is a ledger entry.
+
+    A cap lowered below what is already posted and held is refused (409 `cap_below_reserved`).
+    """
     patch = datasets.DatasetPatch(body.epsilon_cap, body.frozen, body.description, body.reason)
     scope = idempotency(request, principal, idempotency_key, body)
     return respond(datasets.update(db, principal, dataset_id, patch, render.dataset, scope))
