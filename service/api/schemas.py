@@ -187,6 +187,10 @@ class NoisePublic(Public):
         description="The largest |value| this grid carries exactly (2^52 grid steps); larger "
         "values are refused."
     )
+    exact_parameter: str = Field(
+        description="The noise's exact parameter in grid steps, as 'numerator/denominator': the "
+        "discrete Laplace's scale, or the discrete Gaussian's variance σ²/grid²."
+    )
 
 
 class ReleasePublic(Public):

@@ -28,22 +28,20 @@ adds") has the proof and the charges.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+import numpy as np
+
 from accountant import calibrate
+from service.domain import samplers
 from service.domain.errors import InvalidRequest
 
 __all__ = [
     "GRID_MARGIN_BITS",
-    "Csprng",
     "NoisePlan",
-    "bernoulli_exp",
-    "discrete_gaussian",
-    "discrete_laplace",
     "float_down",
     "float_up",
     "gaussian_plan",
@@ -53,104 +51,11 @@ __all__ = [
 
 # The grid is this many binary orders finer than the noise scale and the per-value sensitivity.
 GRID_MARGIN_BITS = 12
-# Inputs must satisfy |x| ≤ 2^52 · g: the noised grid point then converts to a float exactly.
-_MAX_INPUT_UNITS = 1 << 52
-_CHUNK_BYTES = 1 << 16
+# A discrete Gaussian's σ² is rounded up to a fraction with a power-of-two denominator, by at
+# most this relative amount, so the vectorised sampler's integers stay in 62 bits.
+_VARIANCE_ROUNDING = Fraction(1, 1 << 20)
 
 Distribution = Literal["discrete_laplace", "discrete_gaussian"]
-
-
-class Csprng:
-    """Uniform integers from the operating system's CSPRNG (`os.urandom`), read in chunks.
-
-    Nothing else feeds the samplers: no seed, no PRNG state to recover. Bytes
-    are consumed once and never reused; a fresh instance per release keeps
-    leftovers from ever serving two answers.
-    """
-
-    __slots__ = ("_buffer", "_position")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._position = 0
-
-    def _take(self, size: int) -> bytes:
-        if self._position + size > len(self._buffer):
-            # Looked up at call time, so a test can observe (and only) this source.
-            self._buffer = os.urandom(max(_CHUNK_BYTES, size))
-            self._position = 0
-        start = self._position
-        self._position = start + size
-        return self._buffer[start : self._position]
-
-    def below(self, n: int) -> int:
-        """A uniform integer in [0, n), by rejection on just enough random bits."""
-        if n < 1:
-            raise ValueError(f"below() needs n >= 1, got {n}")
-        bits = (n - 1).bit_length()
-        if bits == 0:
-            return 0
-        size = (bits + 7) // 8
-        excess = size * 8 - bits
-        while True:
-            candidate = int.from_bytes(self._take(size), "little") >> excess
-            if candidate < n:
-                return candidate
-
-
-def _bernoulli_exp_unit(rng: Csprng, num: int, den: int) -> bool:
-    """Bernoulli(exp(−γ)) for γ = num/den in [0, 1] (CKS 2020, Alg. 1, first case)."""
-    k = 1
-    # Draw A_k ~ Bernoulli(γ/k) until one fails; P[the first failure is at an odd k] = e^-γ.
-    while rng.below(den * k) < num:
-        k += 1
-    return k % 2 == 1
-
-
-def bernoulli_exp(rng: Csprng, num: int, den: int) -> bool:
-    """Bernoulli(exp(−num/den)) exactly, for integers num ≥ 0, den > 0 (CKS 2020, Alg. 1)."""
-    if num < 0 or den <= 0:
-        raise ValueError("bernoulli_exp needs num >= 0 and den > 0")
-    # e^-γ = (e^-1)^⌊γ⌋ · e^-(γ − ⌊γ⌋): stop at the first factor that fails.
-    while num > den:
-        if not _bernoulli_exp_unit(rng, 1, 1):
-            return False
-        num -= den
-    return _bernoulli_exp_unit(rng, num, den)
-
-
-def discrete_laplace(rng: Csprng, scale: Fraction) -> int:
-    """One draw with P[z] ∝ exp(−|z| / scale) on the integers (CKS 2020, Alg. 2)."""
-    if scale <= 0:
-        raise ValueError("the discrete Laplace scale must be > 0")
-    t, s = scale.numerator, scale.denominator  # scale = t / s
-    while True:
-        u = rng.below(t)
-        if not bernoulli_exp(rng, u, t):
-            continue
-        v = 0
-        while bernoulli_exp(rng, 1, 1):
-            v += 1
-        magnitude = (u + t * v) // s  # u + t·v is Geometric(1 − e^{−1/t}); ⌊·/s⌋ rescales
-        negative = rng.below(2) == 1
-        if negative and magnitude == 0:
-            continue  # keeps zero from being counted twice
-        return -magnitude if negative else magnitude
-
-
-def discrete_gaussian(rng: Csprng, sigma: Fraction) -> int:
-    """One draw with P[z] ∝ exp(−z² / (2σ²)) on the integers (CKS 2020, Alg. 3)."""
-    if sigma <= 0:
-        raise ValueError("the discrete Gaussian's sigma must be > 0")
-    variance = sigma * sigma
-    a, b = variance.numerator, variance.denominator  # σ² = a / b
-    t = math.isqrt(a // b) + 1  # ⌊σ⌋ + 1
-    den = 2 * a * b * t * t
-    while True:
-        y = discrete_laplace(rng, Fraction(t))
-        # Accept with probability exp(−(|y| − σ²/t)² / (2σ²)) = exp(−(|y|·b·t − a)² / (2·a·b·t²)).
-        if bernoulli_exp(rng, (abs(y) * b * t - a) ** 2, den):
-            return y
 
 
 def _grid_exponent(scale: float, per_value_sensitivity: float) -> int:
@@ -161,17 +66,17 @@ def _grid_exponent(scale: float, per_value_sensitivity: float) -> int:
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """How one release's values are noised: the distribution, the grid and the exact scale.
+    """How one release's values are noised: the distribution, the grid and its exact parameter.
 
-    `scale` is in grid units and exact: the discrete Laplace's scale b/g, or
-    the discrete Gaussian's σ/g. `sensitivity` is the sensitivity of the
-    *rounded* values in value units (L1 for Laplace, L2 for Gaussian), the one
-    the charge uses: at least the declared one.
+    `parameter` is exact and in grid units: the discrete Laplace's scale b/g,
+    or the discrete Gaussian's variance σ²/g². `sensitivity` is the
+    sensitivity of the *rounded* values in value units (L1 for Laplace, L2 for
+    Gaussian), the one the charge uses: at least the declared one.
     """
 
     distribution: Distribution
     grid_exponent: int
-    scale: Fraction
+    parameter: Fraction
     sensitivity: float
     size: int
 
@@ -183,7 +88,14 @@ class NoisePlan:
     @property
     def noise_scale(self) -> float:
         """The noise's scale in value units (Laplace b, Gaussian σ), rounded up."""
-        return float_up(self.scale * Fraction(2) ** self.grid_exponent)
+        if self.distribution == "discrete_laplace":
+            return math.ldexp(float_up(self.parameter), self.grid_exponent)
+        return math.ldexp(_sqrt_up(self.parameter), self.grid_exponent)
+
+    @property
+    def sigma_at_least(self) -> float:
+        """A Gaussian plan's σ in value units, rounded down (what a charge may assume)."""
+        return math.ldexp(_sqrt_down(self.parameter), self.grid_exponent)
 
     @property
     def largest_input(self) -> float:
@@ -198,18 +110,63 @@ class NoisePlan:
         for index, x in enumerate(values):
             if not math.isfinite(x) or abs(x) > limit:
                 raise InvalidRequest(
-                    f"values[{index}] = {x!r} is beyond what the noise grid carries exactly at "
+                    f"values[{index}] is beyond what the noise grid carries exactly at "
                     f"this noise scale (|value| ≤ {limit:.6g}: 2^52 grid steps of {self.grid:.6g})"
                 )
-        rng = Csprng()
-        draw = discrete_laplace if self.distribution == "discrete_laplace" else discrete_gaussian
         shift = self.grid_exponent
-        return [math.ldexp(float(to_grid(x, shift) + draw(rng, self.scale)), shift) for x in values]
+        rounded = [to_grid(x, shift) for x in values]
+        noise = self.draw(samplers.Csprng(), len(values))
+        # |n| ≤ 2^52 and the noise far below 2^52 steps: the sums are exact in float64 as well.
+        totals = np.asarray([n + z for n, z in zip(rounded, noise, strict=True)], dtype=np.float64)
+        return [float(y) for y in np.ldexp(totals, shift)]
+
+    def draw(self, rng: samplers.Csprng, count: int) -> list[int]:
+        """`count` exact integer noise draws of this plan (vectorised where the parameter fits)."""
+        if self.distribution == "discrete_laplace":
+            if samplers.fits_laplace(self.parameter):
+                return samplers.laplace_array(rng, count, self.parameter)
+            return [samplers.discrete_laplace(rng, self.parameter) for _ in range(count)]
+        if samplers.fits_gaussian(self.parameter):
+            return samplers.gaussian_array(rng, count, self.parameter)
+        return [samplers.discrete_gaussian(rng, self.parameter) for _ in range(count)]
 
 
 def to_grid(value: float, exponent: int) -> int:
     """round(value / 2^exponent), ties to even, exactly (a power-of-two shift, then rounding)."""
     return round(math.ldexp(value, -exponent))
+
+
+def _sqrt_up(value: Fraction) -> float:
+    """The smallest float whose square is ≥ value."""
+    root = math.sqrt(float_up(value))
+    while Fraction(root) ** 2 < value:
+        root = math.nextafter(root, math.inf)
+    while root > 0 and Fraction(math.nextafter(root, 0.0)) ** 2 >= value:
+        root = math.nextafter(root, 0.0)
+    return root
+
+
+def _sqrt_down(value: Fraction) -> float:
+    """The largest float whose square is ≤ value."""
+    root = math.sqrt(float_down(value))
+    while Fraction(root) ** 2 > value:
+        root = math.nextafter(root, 0.0)
+    while Fraction(math.nextafter(root, math.inf)) ** 2 <= value:
+        root = math.nextafter(root, math.inf)
+    return root
+
+
+def rounded_variance(sigma: Fraction) -> Fraction:
+    """σ² rounded up to a multiple of 2^-j, j ≥ 0 the least with relative excess ≤ 2^-20.
+
+    More noise than asked by at most 2^-21 in σ, so the parameters of the
+    vectorised sampler stay small; charges never assume more than σ.
+    """
+    variance = sigma * sigma
+    denominator = 1
+    while variance * denominator * _VARIANCE_ROUNDING < 1:
+        denominator *= 2
+    return Fraction(math.ceil(variance * denominator), denominator)
 
 
 def laplace_plan(
@@ -268,8 +225,8 @@ def gaussian_plan(
     if sigma is None:
         assert epsilon is not None and delta is not None
         sigma = calibrate.gaussian_sigma(epsilon, delta, rounded)
-    scale = Fraction(sigma) / Fraction(2) ** exponent
-    return NoisePlan("discrete_gaussian", exponent, scale, rounded, size)
+    variance = rounded_variance(Fraction(sigma) / Fraction(2) ** exponent)
+    return NoisePlan("discrete_gaussian", exponent, variance, rounded, size)
 
 
 def float_up(value: Fraction) -> float:

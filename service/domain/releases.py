@@ -199,13 +199,12 @@ def _gaussian_on_grid(
 ) -> Calibrated:
     """Discrete Gaussian on the grid, charged as a Gaussian of the rounded values' sensitivity."""
     plan, _ = _noise_plan("gaussian", sensitivity, epsilon, delta, noise_scale, size)
-    grid = Fraction(2) ** plan.grid_exponent
-    # σ / Δ_rounded, rounded down: a smaller multiplier charges more, never less.
-    multiplier = noise.float_down(plan.scale * grid / Fraction(plan.sensitivity))
+    # σ / Δ_rounded, with σ rounded down and the ratio too: charges never assume less noise.
+    multiplier = noise.float_down(Fraction(plan.sigma_at_least) / Fraction(plan.sensitivity))
     sigma = plan.noise_scale
     if epsilon is None:
         delta = delta if delta is not None else dataset_delta
-        epsilon = calibrate.gaussian_epsilon(sigma, delta, plan.sensitivity)
+        epsilon = calibrate.gaussian_epsilon(plan.sigma_at_least, delta, plan.sensitivity)
     return Calibrated(Gaussian(multiplier), sigma, epsilon, delta, plan)
 
 
@@ -221,6 +220,8 @@ def noise_details(calibrated: Calibrated) -> dict[str, Any] | None:
         "sensitivity_after_rounding": plan.sensitivity,
         "noise_scale": plan.noise_scale,
         "largest_value": plan.largest_input,
+        # Exact, in grid steps: the discrete Laplace's scale t, or the discrete Gaussian's σ².
+        "exact_parameter": f"{plan.parameter.numerator}/{plan.parameter.denominator}",
     }
 
 

@@ -331,9 +331,13 @@ def test_concurrent_traffic_never_overspends(live_server: LiveServer, database: 
         # as σ over the rounded values' sensitivity, rounded down (docs/accounting.md §8).
         if body["mechanism"] == "laplace":
             return PureDP(body["epsilon"])
-        ratio = Fraction(body["noise_scale"]) / Fraction(
-            body["noise"]["sensitivity_after_rounding"]
-        )
+        # σ in value units rounded down from the exact variance, over Δ_rounded, rounded down.
+        noise = body["noise"]
+        variance = Fraction(noise["exact_parameter"]) * Fraction(noise["grid"]) ** 2
+        sigma = body["noise_scale"]  # rounded up
+        while Fraction(sigma) ** 2 > variance:
+            sigma = math.nextafter(sigma, 0.0)
+        ratio = Fraction(sigma) / Fraction(noise["sensitivity_after_rounding"])
         multiplier = float(ratio)
         if Fraction(multiplier) > ratio:
             multiplier = math.nextafter(multiplier, 0.0)

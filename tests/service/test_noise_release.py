@@ -141,6 +141,7 @@ def test_a_laplace_release_with_values_is_exactly_its_epsilon(api: Api) -> None:
     grid = Fraction(noise["grid"])
     units = math.floor(2 / grid) + 3  # the rounded values' L1 sensitivity, in grid steps
     assert noise["sensitivity_after_rounding"] == float(units * grid)
+    assert Fraction(noise["exact_parameter"]) == units * 10  # scale t = D/ε in grid steps
     # b = Δ_rounded / ε exactly; Δ_rounded exceeds Δ by 3 grid steps ≤ 2^-12 of Δ/3 each.
     assert Fraction(answer["noise_scale"]) >= units * grid * 10
     assert 20.0 <= answer["noise_scale"] <= 20.0 * (1 + 2**-12)

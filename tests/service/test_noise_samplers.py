@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from service.domain import noise
+from service.domain import noise, samplers
 from service.domain.errors import InvalidRequest
 
 DRAWS = 100_000
@@ -52,36 +52,82 @@ def _gaussian_pmf(sigma: Fraction, support: int) -> dict[int, float]:
     return {z: w / total for z, w in weights.items()}
 
 
+def _laplace_draws(vectorised: bool, scale: Fraction) -> list[int]:
+    rng = samplers.Csprng()
+    if vectorised:
+        return samplers.laplace_array(rng, DRAWS, scale)
+    return [samplers.discrete_laplace(rng, scale) for _ in range(DRAWS)]
+
+
+def _gaussian_draws(vectorised: bool, sigma: Fraction) -> list[int]:
+    rng = samplers.Csprng()
+    if vectorised:
+        return samplers.gaussian_array(rng, DRAWS, sigma * sigma)
+    return [samplers.discrete_gaussian(rng, sigma * sigma) for _ in range(DRAWS)]
+
+
+@pytest.mark.parametrize("vectorised", [False, True], ids=["scalar", "vectorised"])
 @pytest.mark.parametrize("scale", [Fraction(1, 2), Fraction(3), Fraction(7, 3)])
-def test_discrete_laplace_matches_its_pmf(scale: Fraction) -> None:
-    rng = noise.Csprng()
-    samples = [noise.discrete_laplace(rng, scale) for _ in range(DRAWS)]
+def test_discrete_laplace_matches_its_pmf(vectorised: bool, scale: Fraction) -> None:
+    samples = _laplace_draws(vectorised, scale)
     assert _chi_square(samples, _laplace_pmf(scale, int(12 * scale) + 2)) > 1e-4
 
 
-@pytest.mark.parametrize("sigma", [Fraction(1, 3), Fraction(5, 2), Fraction(1.7)])
-def test_discrete_gaussian_matches_its_pmf(sigma: Fraction) -> None:
-    rng = noise.Csprng()
-    samples = [noise.discrete_gaussian(rng, sigma) for _ in range(DRAWS)]
+@pytest.mark.parametrize(
+    ("vectorised", "sigma"),
+    [
+        (False, Fraction(1, 3)),
+        (False, Fraction(5, 2)),
+        (False, Fraction(1.7)),  # σ² with a 2^-104 denominator: big integers throughout
+        (True, Fraction(1, 3)),
+        (True, Fraction(5, 2)),
+        (True, Fraction(17, 10)),
+        (True, Fraction(1234, 7)),
+    ],
+)
+def test_discrete_gaussian_matches_its_pmf(vectorised: bool, sigma: Fraction) -> None:
+    samples = _gaussian_draws(vectorised, sigma)
     assert _chi_square(samples, _gaussian_pmf(sigma, int(8 * sigma) + 2)) > 1e-4
 
 
-def test_the_chi_square_check_can_fail() -> None:
+@pytest.mark.parametrize("vectorised", [False, True], ids=["scalar", "vectorised"])
+def test_the_chi_square_check_can_fail(vectorised: bool) -> None:
     """The same check rejects draws of a slightly wrong scale (so the tests above can fail)."""
-    rng = noise.Csprng()
-    samples = [noise.discrete_gaussian(rng, Fraction(27, 10)) for _ in range(DRAWS)]
+    samples = _gaussian_draws(vectorised, Fraction(27, 10))
     assert _chi_square(samples, _gaussian_pmf(Fraction(5, 2), 30)) < 1e-6
+    laplace = _laplace_draws(vectorised, Fraction(16, 5))
+    assert _chi_square(laplace, _laplace_pmf(Fraction(3), 40)) < 1e-6
+
+
+def test_vectorised_limits_are_what_the_int64_arithmetic_needs() -> None:
+    assert samplers.fits_laplace(Fraction(2**55, 3)) and not samplers.fits_laplace(Fraction(2**56))
+    assert samplers.fits_gaussian(Fraction(10_000**2)) and not samplers.fits_gaussian(
+        Fraction(20_000**2)
+    )
+    with pytest.raises(ValueError):
+        samplers.gaussian_array(samplers.Csprng(), 3, Fraction(20_000**2))
+
+
+def test_a_plan_beyond_the_vectorised_limits_draws_on_the_scalar_path() -> None:
+    """100,000 values under a huge σ in grid units: exact Python integers, right spread."""
+    plan = noise.gaussian_plan(1.0, 10**6, sigma=5.0)
+    assert not samplers.fits_gaussian(plan.parameter)
+    draws = plan.draw(samplers.Csprng(), 20_000)
+    spread = math.sqrt(sum(z * z for z in draws) / len(draws))
+    assert spread == pytest.approx(math.sqrt(plan.parameter), rel=0.03)
 
 
 @pytest.mark.parametrize("gamma", [Fraction(0), Fraction(3, 10), Fraction(1), Fraction(27, 10)])
 def test_bernoulli_exp_has_probability_exp_minus_gamma(gamma: Fraction) -> None:
-    rng = noise.Csprng()
-    hits = sum(noise.bernoulli_exp(rng, gamma.numerator, gamma.denominator) for _ in range(DRAWS))
+    rng = samplers.Csprng()
+    hits = sum(
+        samplers.bernoulli_exp(rng, gamma.numerator, gamma.denominator) for _ in range(DRAWS)
+    )
     assert stats.binomtest(hits, DRAWS, math.exp(-float(gamma))).pvalue > 1e-4
 
 
 def test_below_is_uniform_and_exact_at_the_edges() -> None:
-    rng = noise.Csprng()
+    rng = samplers.Csprng()
     assert {rng.below(1) for _ in range(100)} == {0}
     draws = [rng.below(10) for _ in range(DRAWS)]
     assert set(draws) == set(range(10))
@@ -131,7 +177,7 @@ def test_laplace_plan_is_exactly_the_declared_epsilon() -> None:
     # The grid is 2^12 times finer than both the scale (20) and the per-value sensitivity (2/3).
     assert grid <= Fraction(2, 3) / 2**12 < 2 * grid
     units = math.floor(Fraction(2) / grid) + 3
-    assert plan.scale == units * 10  # scale t with D/t = ε exactly
+    assert plan.parameter == units * 10  # scale t with D/t = ε exactly
     assert plan.sensitivity == float(units * grid) >= 2.0
     assert plan.noise_scale >= 20.0 and plan.noise_scale / 20.0 - 1 < 2**-12 * 3
 
@@ -139,8 +185,8 @@ def test_laplace_plan_is_exactly_the_declared_epsilon() -> None:
 def test_laplace_plan_with_a_scale_charges_the_rounded_sensitivity() -> None:
     plan, epsilon = noise.laplace_plan(1.0, 4, scale=8.0)
     grid = Fraction(2) ** plan.grid_exponent
-    assert plan.scale * grid == 8
-    assert epsilon == (math.floor(1 / grid) + 4) / plan.scale > Fraction(1, 8)
+    assert plan.parameter * grid == 8
+    assert epsilon == (math.floor(1 / grid) + 4) / plan.parameter > Fraction(1, 8)
 
 
 def test_gaussian_plan_calibrates_at_the_rounded_sensitivity() -> None:
