@@ -185,7 +185,7 @@ def _bernoulli_exp_unit_array(rng: Csprng, num: Ints, den: Ints) -> Bools:
         kk = int(counter[index])
         while rng.below(int(den[index]) * kk) < int(num[index]):
             kk += 1
-        counter[index] = kk % 2 or 2
+        counter[index] = kk
     odd: Bools = (counter % 2) == 1
     return odd
 
