@@ -7,8 +7,10 @@ a replay of the ledger rebuilds the cached curves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any, ClassVar
 
 from accountant import _checks, rdp
@@ -103,7 +105,17 @@ class PureDP(_Stored):
 
     def rdp(self, orders: Orders = DEFAULT_ORDERS) -> FloatArray:
         """RDP curve on `orders`."""
-        return rdp.pure_dp(self.epsilon, self.steps, orders)
+        # ε means the decimal its repr spells (0.3 is 3/10, above the float 0.299…98): the curve is
+        # taken at the smallest float not below that decimal, so it is never below the truth.
+        return rdp.pure_dp(_decimal_up(self.epsilon), self.steps, orders)
+
+
+def _decimal_up(value: float) -> float:
+    """The smallest float ≥ both `value` and the decimal number its repr spells."""
+    decimal = Fraction(repr(value))
+    if Fraction(value) >= decimal:
+        return value
+    return math.nextafter(value, math.inf)
 
 
 Mechanism = SubsampledGaussian | Gaussian | Laplace | PureDP

@@ -21,9 +21,11 @@ posted, so every admitted request was admitted by a member that, at that
 moment, had room for everything posted and pending. At the end of an
 interaction take the first member M_i that kept every posted charge within its
 budget; these events partition the outcome space. On the part of M_i the
-interaction's outputs coincide with those of the same adaptive interaction
-halted by M_i alone, which is a valid filter: (epsilon_cap, δ_i)-DP with
-δ_i = w_i·δ (0 for the pure member). Summing the δ_i over the parts gives
+interaction's outputs coincide with those of M_i run alone as a filter over
+posted charges only, the analyst simulating the ledger's other admission
+decisions from the public transcript; M_i never halts on that part, and such
+a filter is valid: (epsilon_cap, δ_i)-DP with δ_i = w_i·δ (0 for the pure
+member). Summing the δ_i over the parts gives
 (epsilon_cap, Σ δ_i)-DP ⊆ (epsilon_cap, δ)-DP. The shares must be fixed before
 any output: shares that depend on outputs would make the partition itself
 data-dependent and the sum argument fails.

@@ -18,10 +18,11 @@ Gaussian). So nothing here touches a float until the answer is formed:
    2^52 · g so the noise keeps its resolution.
 
 Rounding is part of the mechanism, so the sensitivity charged is that of the
-rounded values: neighbouring inputs x, x' round to integers whose difference
-is at most |x − x'| / g + 1 in every coordinate that differs. Hence, for d
-values, the L1 sensitivity on the grid is ⌊Δ₁/g⌋ + d (an integer) and the L2
-sensitivity is at most Δ₂/g + √d. docs/accounting.md ("Noise the service
+rounded values: neighbouring inputs round to integers whose difference is at
+most |v − v'| / g + 3/2 in every coordinate that differs (1 for the grid
+rounding, ½ for the decimal-to-double parse of the request). Hence, for d
+values, the L1 sensitivity on the grid is ⌊Δ₁/g + 3d/2⌋ (an integer) and the
+L2 sensitivity is at most Δ₂/g + 1.5·√d. docs/accounting.md ("Noise the service
 adds") has the proof and the charges.
 """
 
@@ -42,6 +43,7 @@ from service.domain.errors import InvalidRequest
 __all__ = [
     "GRID_MARGIN_BITS",
     "NoisePlan",
+    "epsilon_up",
     "float_down",
     "float_up",
     "gaussian_plan",
@@ -51,6 +53,10 @@ __all__ = [
 
 # The grid is this many binary orders finer than the noise scale and the per-value sensitivity.
 GRID_MARGIN_BITS = 12
+# Noise scales past this are refused: their tails could leave the float range, and no answer needs
+# them. Grids below 2^-1000 are refused too: the answers would fall among subnormal floats.
+_MAX_NOISE_SCALE = 1e200
+_MIN_GRID_EXPONENT = -1000
 # A discrete Gaussian's σ² is rounded up to a fraction with a power-of-two denominator, by at
 # most this relative amount, so the vectorised sampler's integers stay in 62 bits.
 _VARIANCE_ROUNDING = Fraction(1, 1 << 20)
@@ -60,8 +66,19 @@ Distribution = Literal["discrete_laplace", "discrete_gaussian"]
 
 def _grid_exponent(scale: float, per_value_sensitivity: float) -> int:
     """k with 2^k ≤ 2^-GRID_MARGIN_BITS · min(scale, per-value sensitivity) < 2^(k+1)."""
+    if not scale <= _MAX_NOISE_SCALE:
+        raise InvalidRequest(
+            f"the noise scale {scale:.6g} is beyond what the service's samplers take "
+            f"(at most {_MAX_NOISE_SCALE:g})"
+        )
     _, exponent = math.frexp(min(scale, per_value_sensitivity))  # x = m·2^e, m in [1/2, 1)
-    return exponent - 1 - GRID_MARGIN_BITS
+    grid = exponent - 1 - GRID_MARGIN_BITS
+    if grid < _MIN_GRID_EXPONENT:
+        raise InvalidRequest(
+            "the sensitivity or noise scale is too small for the service's noise grid "
+            f"(it would need a grid below 2^{_MIN_GRID_EXPONENT})"
+        )
+    return grid
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,9 @@ def laplace_plan(
     assert requested is not None
     exponent = _grid_exponent(requested, sensitivity / size)
     grid = Fraction(2) ** exponent
-    units = math.floor(Fraction(sensitivity) / grid) + size  # integer L1 bound after rounding
+    # Integer L1 bound after rounding: Δ/g, plus 1 per value for the grid rounding and ½ per
+    # value for the decimal-to-double parse of the request (|x − v| ≤ g/4 within the limit).
+    units = math.floor(Fraction(sensitivity) / grid + Fraction(3 * size, 2))
     if epsilon is not None:
         scale_units = units / epsilon
     else:
@@ -220,7 +239,8 @@ def gaussian_plan(
         requested = sigma
     exponent = _grid_exponent(requested, sensitivity / math.sqrt(size))
     grid = math.ldexp(1.0, exponent)
-    root = math.nextafter(math.sqrt(size), math.inf)
+    # L2 bound after rounding: g·√d for the grid rounding and g·√d/2 for the request's parse.
+    root = math.nextafter(1.5 * math.sqrt(size), math.inf)
     rounded = math.nextafter(sensitivity + grid * root, math.inf)
     if sigma is None:
         assert epsilon is not None and delta is not None
@@ -233,6 +253,18 @@ def float_up(value: Fraction) -> float:
     """The smallest float ≥ value."""
     nearest = float(value)
     return nearest if Fraction(nearest) >= value else math.nextafter(nearest, math.inf)
+
+
+def epsilon_up(value: Fraction) -> float:
+    """The smallest float ε with both ε ≥ value and its decimal repr ≥ value.
+
+    A pure ε is read back as the decimal its repr spells (accountant.members), so
+    an ε charged as a float must be ≥ the truth in both readings.
+    """
+    epsilon = float_up(value)
+    while Fraction(repr(epsilon)) < value:
+        epsilon = math.nextafter(epsilon, math.inf)
+    return epsilon
 
 
 def float_down(value: Fraction) -> float:

@@ -128,11 +128,13 @@ def _calibrated(
             if size is not None:
                 return _laplace_on_grid(sensitivity, size, epsilon, noise_scale)
             if epsilon is not None:
-                scale = calibrate.laplace_scale(epsilon, sensitivity)
-                return Calibrated(Laplace(scale / sensitivity), scale, epsilon, None)
+                # b ≥ Δ/ε for ε the decimal the request wrote, so the charge below is ≥ it.
+                scale = noise.float_up(Fraction(sensitivity) / declared_epsilon(epsilon))
+                calibrate.laplace_scale(epsilon, sensitivity)  # the accountant's argument checks
+                return Calibrated(_laplace(scale, sensitivity), scale, epsilon, None)
             assert noise_scale is not None
-            epsilon = sensitivity / noise_scale
-            return Calibrated(Laplace(noise_scale / sensitivity), noise_scale, epsilon, None)
+            epsilon = noise.epsilon_up(Fraction(sensitivity) / Fraction(noise_scale))
+            return Calibrated(_laplace(noise_scale, sensitivity), noise_scale, epsilon, None)
         # pure_dp: any ε-DP mechanism the caller runs itself (e.g. the exponential mechanism).
         if noise_scale is not None or size is not None:
             raise InvalidRequest("a pure_dp release takes epsilon only (no noise_scale, no values)")
@@ -140,6 +142,13 @@ def _calibrated(
         return Calibrated(PureDP(epsilon), None, epsilon, None)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    except OverflowError:
+        raise InvalidRequest("the request's noise scale or ε is out of range") from None
+
+
+def _laplace(scale: float, sensitivity: float) -> Laplace:
+    """Laplace noise b on L1 sensitivity Δ, as the ratio b/Δ rounded down (it charges 1/ratio)."""
+    return Laplace(noise.float_down(Fraction(scale) / Fraction(sensitivity)))
 
 
 @lru_cache(maxsize=4096)
@@ -184,8 +193,8 @@ def _laplace_on_grid(
     """Discrete Laplace on the grid: exactly ε-DP for the rounded values, charged as pure ε-DP."""
     plan, exact = _noise_plan("laplace", sensitivity, epsilon, None, noise_scale, size)
     assert exact is not None
-    # With epsilon given the mechanism is exactly the declared ε (≤ this float); else rounded up.
-    charged = epsilon if epsilon is not None else noise.float_up(exact)
+    # With epsilon given the mechanism is exactly the declared (decimal) ε; else rounded up.
+    charged = epsilon if epsilon is not None else noise.epsilon_up(exact)
     return Calibrated(PureDP(charged), plan.noise_scale, charged, None, plan)
 
 
