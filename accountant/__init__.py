@@ -6,9 +6,10 @@
 - `accountant.calibrate`: noise for a target ε (DP-SGD σ, analytic Gaussian, Laplace).
 - `accountant.mechanisms`: the mechanisms as immutable values the ledger stores.
 - `accountant.exact`: exact integer arithmetic on curves, for the ledger's cached sums.
+- `accountant.pld`: the PLD ε of one DP-SGD plan alone (shown beside the RDP ε, never a filter).
 """
 
-from accountant import calibrate, exact, mechanisms, members, rdp
+from accountant import calibrate, exact, mechanisms, members, pld, rdp
 from accountant._checks import MIN_PROBABILITY
 from accountant.filter import Filter
 from accountant.orders import CALIBRATION_ORDERS, DEFAULT_ORDERS
@@ -22,5 +23,6 @@ __all__ = [
     "exact",
     "mechanisms",
     "members",
+    "pld",
     "rdp",
 ]
