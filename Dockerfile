@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# Build stage: wheels for the project and its dependencies.
+# Build stage: wheels for the project (server and client distributions) and its dependencies.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -7,7 +7,9 @@ COPY accountant accountant
 COPY service service
 COPY trainer_client trainer_client
 COPY migrations migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The client distribution first, from its folder: the server's requirement
+# privacy-ledger-client==0.1.0 is then met by that wheel, never by an index.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ./trainer_client .
 
 # Runtime stage: the wheels installed, no build tools, a non-root user.
 FROM python:3.11-slim

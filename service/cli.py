@@ -76,9 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP API (migrates the database first)")
-    serve.add_argument("--host", default=os.environ.get("LEDGER_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("LEDGER_PORT", "8000")))
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("LEDGER_HOST", "127.0.0.1"),
+        help="address to listen on (default: $LEDGER_HOST or %(default)s)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("LEDGER_PORT", "8000")),
+        help="port to listen on (default: $LEDGER_PORT or %(default)s)",
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default: 1)"
+    )
     serve.add_argument("--no-migrate", action="store_true", help="do not run migrations first")
     serve.set_defaults(handler=_serve)
 

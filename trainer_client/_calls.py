@@ -192,6 +192,15 @@ def ledger_csv(dataset_id: str, *, kind: str | None, run_id: str | None) -> Call
     )
 
 
+def ledger_export(dataset_id: str, *, kind: str | None, run_id: str | None) -> Call:
+    """GET /v1/datasets/{id}/ledger?format=export (every matching entry, one JSON document)."""
+    return Call(
+        "GET",
+        f"/v1/datasets/{segment(dataset_id)}/ledger",
+        params={"kind": kind, "run_id": run_id, "format": "export"},
+    )
+
+
 def verify_ledger(dataset_id: str) -> Call:
     """GET /v1/datasets/{id}/ledger/verify."""
     return Call("GET", f"/v1/datasets/{segment(dataset_id)}/ledger/verify")

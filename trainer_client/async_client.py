@@ -332,6 +332,21 @@ class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
         """The dataset's ledger (every matching entry) as CSV text."""
         return (await self._send(_calls.ledger_csv(dataset_id, kind=kind, run_id=run_id))).text
 
+    async def ledger_export(
+        self, dataset_id: str, *, kind: str | None = None, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """The dataset's ledger (every matching entry) as one JSON document, as the service sent it.
+
+        Unlike :meth:`ledger` it is one request, so the entries are one consistent snapshot.
+        """
+        document = await self._json(_calls.ledger_export(dataset_id, kind=kind, run_id=run_id))
+        if not isinstance(document, dict):
+            raise LedgerError(
+                "unexpected response: a ledger export is not a JSON object",
+                code="unexpected_response",
+            )
+        return document
+
     async def verify(self, dataset_id: str) -> VerifyResult:
         """Have the service recheck the ledger's hash chain and replay its entries."""
         return VerifyResult.from_json(await self._json(_calls.verify_ledger(dataset_id)))

@@ -154,7 +154,11 @@ def _dry_run_fields(body: _Body) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset's budget: its cap and what is spent and reserved against it."""
+    """A dataset's budget: its cap and what is spent and reserved against it.
+
+    `epsilon_spent` is the filter ε of the posted charges, `epsilon_reserved` that of
+    charges plus holds (never below spent), `epsilon_remaining` = cap − reserved.
+    """
 
     id: str
     description: str

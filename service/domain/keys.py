@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.domain.errors import Forbidden, NotFound, Unauthorized
+from service.domain.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from service.domain.transactions import Body, Idempotency, Outcome, write
 from service.storage.database import Database
-from service.storage.models import ApiKey, utcnow
+from service.storage.models import ApiKey, Dataset, utcnow
 
 BOOTSTRAP_ID = "bootstrap"
 _PREFIX = "pl"
@@ -111,6 +111,30 @@ def listing(session: Session, *, after: str | None, limit: int) -> list[ApiKey]:
     return list(session.execute(statement).scalars())
 
 
+def require_datasets_exist(session: Session, datasets: list[str]) -> None:
+    """InvalidRequest naming every dataset in a key's scope that does not exist.
+
+    A scope naming a missing dataset would be a typo the admin never notices
+    (the key silently reaches nothing), or a key that reaches a dataset someone
+    creates later under that name without anyone having decided so.
+    """
+    wanted = sorted(set(datasets))
+    if not wanted:
+        return
+    found = set(session.execute(select(Dataset.id).where(Dataset.id.in_(wanted))).scalars())
+    missing = [d for d in wanted if d not in found]
+    if missing:
+        names = ", ".join(repr(d) for d in missing)
+        raise InvalidRequest(
+            f"datasets: no dataset {names}; create it first, or scope the key to existing datasets",
+            errors=[
+                {"loc": ["body", "datasets", i], "msg": f"no dataset {d!r}", "type": "not_found"}
+                for i, d in enumerate(datasets)
+                if d in missing
+            ],
+        )
+
+
 def count(session: Session) -> int:
     """How many keys exist (revoked ones too)."""
     return int(session.execute(select(func.count()).select_from(ApiKey)).scalar_one())
@@ -130,6 +154,8 @@ def create(
     principal.require("admin")
 
     def operation(session: Session, _: object) -> tuple[int, Body]:
+        if datasets is not None:
+            require_datasets_exist(session, datasets)
         row, token = issue(session, role=role, datasets=datasets, name=name)
         return 201, {**render(row), "key": token}
 

@@ -378,6 +378,7 @@ CASES = [
     key("key_role_unknown", role="root"),
     key("key_scope_bad_id", ("body", "datasets", 0), datasets=["../x"]),
     key("key_scope_too_many", datasets=["d"] * 1001),
+    key("key_scope_missing_dataset", ("body", "datasets", 0), datasets=["never-created"]),
     key("key_name_with_nul", name="\x00"),
     key("key_unknown_field", secret="mine"),
     # --- The planning calculators.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +135,10 @@ def _cli(base: str, *args: str, key: str | None = ADMIN_KEY) -> Completed:
         os.environ["LEDGER_API_KEY"] = key
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main([*args, "--url", base])
+            try:
+                code = cli.main([*args, "--url", base])
+            except SystemExit as exc:  # argparse's usage errors, as the real command exits
+                code = int(exc.code or 0)
     finally:
         os.environ.pop("LEDGER_API_KEY", None)
         if previous is not None:
@@ -179,6 +184,53 @@ def test_admin_cli(live_server: LiveServer, tmp_path: Path) -> None:
     assert unreachable.returncode == 3 and "cannot reach" in unreachable.stderr
     bad = _cli(base, "datasets", "create", "x", "--epsilon-cap", "-1", "--delta", "1e-5")
     assert bad.returncode == 1 and "validation_error" in bad.stderr
+
+
+def test_cli_key_scope_is_explicit_and_checked(live_server: LiveServer) -> None:
+    base = live_server()
+    made = _cli(base, "datasets", "create", "real", "--epsilon-cap", "1", "--delta", "1e-6")
+    assert made.returncode == 0, made.stderr
+    # Forgetting the scope is a usage error, not a key that reaches every dataset.
+    unscoped = _cli(base, "keys", "create", "--role", "trainer", "--name", "t")
+    assert unscoped.returncode == 2 and "--all-datasets" in unscoped.stderr
+    # A typo in the scope is refused by the API, with its message.
+    typo = _cli(base, "keys", "create", "--role", "trainer", "--dataset", "nope")
+    assert typo.returncode == 1, typo
+    assert "validation_error" in typo.stderr and "'nope'" in typo.stderr
+    both = _cli(base, "keys", "create", "--role", "auditor", "--dataset", "real", "--all-datasets")
+    assert both.returncode == 2
+    assert json.loads(_cli(base, "keys", "list", "--json").stdout) == []  # nothing was issued
+    every = _cli(base, "keys", "create", "--role", "auditor", "--all-datasets", "--json")
+    assert every.returncode == 0 and json.loads(every.stdout)["datasets"] is None
+    scoped = _cli(base, "keys", "create", "--role", "trainer", "--dataset", "real", "--json")
+    assert scoped.returncode == 0 and json.loads(scoped.stdout)["datasets"] == ["real"]
+    admin_scoped = _cli(base, "keys", "create", "--role", "admin", "--dataset", "real")
+    assert admin_scoped.returncode == 2
+    assert _cli(base, "keys", "create", "--role", "admin", "--json").returncode == 0
+
+
+def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, str | None]]:
+    """(where, help) for every option, positional and subcommand under `parser`."""
+    for act in parser._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in act._choices_actions}
+            for name, sub in act.choices.items():
+                yield f"{path} {name}", helps.get(name)
+                yield from _walk(sub, f"{path} {name}")
+        elif not isinstance(act, argparse._HelpAction):
+            yield f"{path} {'/'.join(act.option_strings) or act.dest}", act.help
+
+
+def test_every_cli_command_and_option_has_help() -> None:
+    found = list(_walk(cli.build_parser(), "privacy-ledger"))
+    assert len(found) > 60  # the walk reached the admin commands' options
+    missing = [where for where, text in found if not text or text == argparse.SUPPRESS]
+    assert missing == []
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        cli.main(["keys", "create", "--help"])
+    shown = " ".join(text.getvalue().split())  # argparse wraps lines to the terminal's width
+    assert "--all-datasets" in shown and "including ones created later" in shown
 
 
 def _wait_ready(url: str, process: subprocess.Popen[str]) -> httpx.Response:

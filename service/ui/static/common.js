@@ -120,8 +120,9 @@ export function datasetUrl(id) {
 }
 
 /**
- * The budget bar: spent, reserved-but-unspent, and a mark at the cap. The track
- * spans the cap, or what is reserved when a lowered cap sits below it.
+ * The budget bar: spent, then the holds up to reserved (reserved = spent + holds), and a
+ * mark at the cap. The track spans the cap, or what is reserved when a lowered cap sits
+ * below it.
  */
 export function budgetBar(dataset) {
   const spent = Math.max(0, dataset.epsilon_spent);
