@@ -375,7 +375,8 @@ class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
         return ApiKey.from_json(await self._json(call))
 
     async def keys(self, *, page_size: int = 100) -> AsyncIterator[ApiKey]:
-        """Every API key's record (admin), page by page."""
+        """Every API key's record (never its secret), page by page: all keys for an admin or an
+        unscoped auditor; for a scoped auditor those that may act on its datasets."""
         async for item in self._paginate(_calls.list_keys(limit=page_size)):
             yield ApiKey.from_json(item)
 

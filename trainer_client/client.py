@@ -394,7 +394,8 @@ class LedgerClient(ClientBase[httpx.Client]):
         return ApiKey.from_json(self._json(call))
 
     def keys(self, *, page_size: int = 100) -> Iterator[ApiKey]:
-        """Every API key's record (admin), page by page."""
+        """Every API key's record (never its secret), page by page: all keys for an admin or an
+        unscoped auditor; for a scoped auditor those that may act on its datasets."""
         for item in self._paginate(_calls.list_keys(limit=page_size)):
             yield ApiKey.from_json(item)
 

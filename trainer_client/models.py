@@ -390,6 +390,10 @@ class LedgerEntry:
     created_at: datetime
     prev_hash: str
     hash: str
+    # The actor key's name and role when the entry was written (None: an unnamed key, or an
+    # entry older than names, or a server that does not send them).
+    actor_name: str | None = None
+    actor_role: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -413,6 +417,8 @@ class LedgerEntry:
             created_at=b.time("created_at"),
             prev_hash=b.text("prev_hash"),
             hash=b.text("hash"),
+            actor_name=b.opt_text("actor_name"),
+            actor_role=b.opt_text("actor_role"),
             raw=b.obj,
         )
 

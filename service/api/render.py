@@ -115,6 +115,8 @@ def entry(row: LedgerEntry) -> Body:
         "mechanism": json.loads(row.mechanism) if row.mechanism else None,
         "units": json.loads(row.units) if row.units else None,
         "actor": row.actor,
+        "actor_name": row.actor_name,
+        "actor_role": row.actor_role,
         "idempotency_key": row.idempotency_key,
         "epsilon": row.epsilon,
         "epsilon_spent_after": row.epsilon_spent_after,

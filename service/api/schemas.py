@@ -220,7 +220,17 @@ class EntryPublic(Public):
     voids_seq: int | None
     mechanism: dict[str, Any] | None
     units: list[int] | None = Field(description="The entry's RDP curve in units of 2^-60.")
-    actor: str
+    actor: str = Field(
+        description="The id of the key that wrote the entry (or `bootstrap`, `system`)."
+    )
+    actor_name: str | None = Field(
+        description="The actor key's name when the entry was written; null for an unnamed key "
+        "and for entries written before names were recorded."
+    )
+    actor_role: Literal["admin", "trainer", "auditor", "system"] | None = Field(
+        description="The actor key's role when the entry was written (`system`: the service "
+        "itself); null for entries written before roles were recorded."
+    )
     idempotency_key: str | None
     epsilon: float | None = Field(description="The entry's own ε at the dataset's δ.")
     epsilon_spent_after: float

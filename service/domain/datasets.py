@@ -129,7 +129,7 @@ def create(
             budget,
             ledger.Append(
                 "dataset_created",
-                principal.id,
+                principal.actor,
                 idempotency_key=idempotency.key if idempotency else None,
                 details=details,
             ),
@@ -211,18 +211,20 @@ def update(
                 _check_lower_cap(Budget.of(dataset), patch.epsilon_cap, old)
             dataset.epsilon_cap = patch.epsilon_cap
             details = {"old": old, "new": patch.epsilon_cap, **reason}
-            entry = ledger.Append("cap_change", principal.id, idempotency_key=key, details=details)
+            entry = ledger.Append(
+                "cap_change", principal.actor, idempotency_key=key, details=details
+            )
             ledger.append(session, dataset, Budget.of(dataset), entry, now)
         if patch.frozen is not None and patch.frozen != dataset.frozen:
             dataset.frozen = patch.frozen
             kind = "freeze" if patch.frozen else "unfreeze"
-            entry = ledger.Append(kind, principal.id, idempotency_key=key, details=dict(reason))
+            entry = ledger.Append(kind, principal.actor, idempotency_key=key, details=dict(reason))
             ledger.append(session, dataset, Budget.of(dataset), entry, now)
         if patch.description is not None and patch.description != dataset.description:
             details = {"old": dataset.description, "new": patch.description, **reason}
             dataset.description = patch.description
             entry = ledger.Append(
-                "description_change", principal.id, idempotency_key=key, details=details
+                "description_change", principal.actor, idempotency_key=key, details=details
             )
             ledger.append(session, dataset, Budget.of(dataset), entry, now)
         return 200, render(view(dataset))
@@ -282,7 +284,7 @@ def void(
         budget.void(units)
         request = ledger.Append(
             "void",
-            principal.id,
+            principal.actor,
             mechanism=from_params(json.loads(target.mechanism)),
             units=units,
             run_id=target.run_id,

@@ -25,7 +25,8 @@ from service.domain.budget import Budget, dumps_units, loads_units
 from service.domain.errors import DatasetFrozen
 from service.storage.models import Dataset, Run, utcnow
 
-SYSTEM_ACTOR = "system"
+# The service itself (lapsed leases, corrections): fixed values, documented in docs/api.md.
+SYSTEM_ACTOR = ledger.Actor("system", "ledger service", "system")
 # A shuffle epoch's sensitivity in clipping norms: adding a record to fixed-size shuffled
 # batches substitutes it for one record of one batch (docs/accounting.md §1, "Shuffled
 # batches"), so its noisy sum moves by up to 2C, not C.
@@ -58,7 +59,7 @@ def release(
     run: Run,
     *,
     status: str,
-    actor: str,
+    actor: ledger.Actor,
     now: datetime,
     idempotency_key: str | None = None,
 ) -> None:

@@ -17,22 +17,32 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.domain import ledger
 from service.domain.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
 from service.domain.transactions import Body, Idempotency, Outcome, write
 from service.storage.database import Database
 from service.storage.models import ApiKey, Dataset, utcnow
 
 BOOTSTRAP_ID = "bootstrap"
+# The bootstrap key has no row: its entries name the setting it comes from (docs/api.md).
+BOOTSTRAP_NAME = "LEDGER_ADMIN_KEY"
 _PREFIX = "pl"
+_SCAN_BATCH = 500
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a key id, its role and (for scoped keys) its datasets."""
+    """Who is calling: a key id, its role, (for scoped keys) its datasets and its name."""
 
     id: str
     role: str
     datasets: frozenset[str] | None = None
+    name: str | None = None
+
+    @property
+    def actor(self) -> ledger.Actor:
+        """This key as the actor of the entries it writes (name and role as read at sign-in)."""
+        return ledger.Actor(self.id, self.name, self.role)
 
     def require(self, *roles: str) -> None:
         """Forbidden unless this key has one of `roles` (admin always passes)."""
@@ -58,7 +68,7 @@ def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> 
     if not token:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     if bootstrap_key and hmac.compare_digest(token.encode(), bootstrap_key.encode()):
-        return Principal(BOOTSTRAP_ID, "admin")
+        return Principal(BOOTSTRAP_ID, "admin", name=BOOTSTRAP_NAME)
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != _PREFIX:
         raise Unauthorized("invalid API key")
@@ -72,7 +82,8 @@ def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> 
         if key.revoked_at is not None:
             raise Unauthorized("this API key has been revoked")
         scope = frozenset(json.loads(key.datasets)) if key.datasets is not None else None
-        return Principal(key.id, key.role, scope)
+        # The row is read here anyway: its name travels to every entry at no extra query.
+        return Principal(key.id, key.role, scope, key.name)
 
 
 def issue(
@@ -182,11 +193,40 @@ def list_keys(
     limit: int,
     render: Callable[[ApiKey], Body],
 ) -> tuple[list[Body], bool]:
-    """Keys in id order (admin), never their secrets; and whether more follow."""
-    principal.require("admin")
+    """Keys in id order, never their secrets; and whether more follow.
+
+    Admins and unscoped auditors see every key. A scoped auditor sees the keys that may act on
+    one of its datasets (unscoped keys included), each key's scope cut to the auditor's own:
+    like everywhere else, datasets out of its scope are not shown to exist.
+    """
+    principal.require("auditor")
+    scope = None if principal.role == "admin" else principal.datasets
     with db.read() as session:
-        rows = listing(session, after=after, limit=limit + 1)
-        return [render(r) for r in rows[:limit]], len(rows) > limit
+        if scope is None:
+            rows = listing(session, after=after, limit=limit + 1)
+            return [render(r) for r in rows[:limit]], len(rows) > limit
+        shown = _keys_in_scope(session, scope, after=after, wanted=limit + 1)
+        return [_within(render(r), scope) for r in shown[:limit]], len(shown) > limit
+
+
+def _keys_in_scope(
+    session: Session, scope: frozenset[str], *, after: str | None, wanted: int
+) -> list[ApiKey]:
+    # Scopes are JSON text, so the filter runs here, over batches in id order: there are few keys.
+    found: list[ApiKey] = []
+    while len(found) < wanted:
+        batch = listing(session, after=after, limit=_SCAN_BATCH)
+        found.extend(r for r in batch if r.datasets is None or scope & set(json.loads(r.datasets)))
+        if len(batch) < _SCAN_BATCH:
+            break
+        after = batch[-1].id
+    return found[:wanted]
+
+
+def _within(body: Body, scope: frozenset[str]) -> Body:
+    if body["datasets"] is None:
+        return body
+    return {**body, "datasets": sorted(scope.intersection(body["datasets"]))}
 
 
 def bootstrap_admin(db: Database) -> str | None:

@@ -41,7 +41,7 @@ def canonical(payload: dict[str, Any]) -> str:
 
 
 def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
-    return {
+    fields = {
         "dataset_id": entry.dataset_id,
         "seq": entry.seq,
         "kind": entry.kind,
@@ -58,6 +58,13 @@ def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
         "details": json.loads(entry.details),
         "created_at": entry.created_at,
     }
+    # Who, by name and role (migration 0005): hashed only for entries that carry it, so every
+    # older entry's hash still verifies; a new entry always has a role, so removing the pair
+    # from it changes its hash. An unnamed key hashes as "actor_name": null.
+    if entry.actor_role is not None:
+        fields["actor_name"] = entry.actor_name
+        fields["actor_role"] = entry.actor_role
+    return fields
 
 
 def entry_hash(entry: LedgerEntry) -> str:
@@ -68,12 +75,21 @@ def entry_hash(entry: LedgerEntry) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who writes an entry: a key id, with the key's name and role as they are at write time."""
+
+    id: str
+    name: str | None
+    role: str
+
+
 @dataclass
 class Append:
     """What a domain operation wants written as one entry."""
 
     kind: str
-    actor: str
+    actor: Actor
     mechanism: Mechanism | None = None
     units: list[int] | None = None
     run_id: str | None = None
@@ -97,7 +113,9 @@ def append(
         voids_seq=request.voids_seq,
         mechanism=canonical(request.mechanism.params()) if request.mechanism else None,
         units=dumps_units(request.units) if request.units is not None else None,
-        actor=request.actor,
+        actor=request.actor.id,
+        actor_name=request.actor.name,
+        actor_role=request.actor.role,
         idempotency_key=request.idempotency_key,
         epsilon=budget.own_epsilon(request.units) if request.units is not None else None,
         epsilon_spent_after=budget.epsilon_spent(),

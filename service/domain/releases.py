@@ -277,7 +277,7 @@ def create(
         session.add(release)
         request = ledger.Append(
             "charge",
-            principal.id,
+            principal.actor,
             mechanism=calibrated.mechanism,
             units=units,
             release_id=release.id,

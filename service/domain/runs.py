@@ -206,7 +206,7 @@ def create(
         budget.hold(plan_units)
         request = ledger.Append(
             "hold",
-            principal.id,
+            principal.actor,
             mechanism=holds.epoch_mechanism(run, spec.epochs),
             units=plan_units,
             run_id=run.id,
@@ -305,7 +305,7 @@ def reserve_epoch(
         holds.renew(dataset, run, now)
         request = ledger.Append(
             "charge",
-            principal.id,
+            principal.actor,
             mechanism=holds.epoch_mechanism(run),
             units=units,
             run_id=run.id,
@@ -346,7 +346,7 @@ def finish(
             budget,
             run,
             status=status,
-            actor=principal.id,
+            actor=principal.actor,
             now=now,
             idempotency_key=idempotency.key if idempotency else None,
         )

@@ -188,6 +188,9 @@ class LedgerEntry(Base):
     mechanism: Mapped[str | None] = mapped_column(Text)  # JSON object
     units: Mapped[str | None] = mapped_column(Text)  # JSON list of ints
     actor: Mapped[str] = mapped_column(String(40))
+    # The actor key's name and role at write time (migration 0005; NULL on older entries).
+    actor_name: Mapped[str | None] = mapped_column(String(200))
+    actor_role: Mapped[str | None] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     epsilon: Mapped[float | None] = mapped_column(Float)
     epsilon_spent_after: Mapped[float] = mapped_column(Float)

@@ -42,6 +42,7 @@ ABSENT_RUN = "run_0000000000000000deadbeef"
 PLAN = {"sample_rate": 1.0, "steps_per_epoch": 1, "epochs": 3, "noise_multiplier": 50.0}
 RELEASE = {"mechanism": "laplace", "sensitivity": 1.0, "epsilon": 0.001}
 PROBLEM_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+KEY_FIELDS = {"id", "name", "role", "datasets", "created_at", "revoked_at"}
 _serial = itertools.count(1)
 
 
@@ -407,9 +408,11 @@ def create_key(world: World, succeeds: bool) -> Call:
 
 def list_keys(world: World, succeeds: bool) -> Call:
     def check(response: httpx.Response, before: Any) -> None:
-        listed = {k["id"] for k in response.json()["data"]}
-        assert set(world.key_ids.values()) <= listed
-        assert all("key" not in k for k in response.json()["data"])  # never the secret
+        listed = response.json()["data"]
+        # Admins and auditors alike see the unscoped keys; exactly who sees which scoped key is
+        # test_auditors_list_the_keys_that_may_act_on_their_datasets.
+        assert world.key_ids["admin_key"] in {k["id"] for k in listed}
+        assert all(set(k) == KEY_FIELDS for k in listed)  # never the secret nor its hash
 
     return Call("GET", "/v1/keys", params={"limit": 1000}, check=check)
 
@@ -467,7 +470,7 @@ ENDPOINTS = (
     Endpoint("verify_ledger", verify_ledger, AUDITOR, scoped=True),
     Endpoint("void_charge", void_charge, success=201, scoped=True),
     Endpoint("create_key", create_key, success=201),
-    Endpoint("list_keys", list_keys),
+    Endpoint("list_keys", list_keys, AUDITOR),
     Endpoint("revoke_key", revoke_key),
     Endpoint("plan_epsilon", plan_epsilon, ANY_ROLE),
     Endpoint("plan_noise_multiplier", plan_noise_multiplier, ANY_ROLE),
@@ -551,6 +554,53 @@ def test_scoped_keys_do_not_see_runs_out_of_scope(world: World) -> None:
         assert assert_problem(response, 404)["detail"] == f"run {world.run_id!r} not found"
         listing = world.call(caller, "GET", f"/v1/datasets/{OTHER}/runs")
         assert listing.status_code == 200 and listing.json()["data"] == [], listing.text
+
+
+def test_auditors_list_the_keys_that_may_act_on_their_datasets(world: World) -> None:
+    """An auditor reads the metadata of every key that may act on a dataset in its scope: keys
+    sharing a dataset with it and unscoped keys; each scope shown only within its own."""
+
+    def listed(caller: str, **params: Any) -> dict[str, Any]:
+        response = world.call(caller, "GET", "/v1/keys", params={"limit": 1000, **params})
+        assert response.status_code == 200, response.text
+        return {k["id"]: k for k in response.json()["data"]}
+
+    admin_view = world.keys()
+    everything = {k["id"]: k for k in admin_view}
+    assert listed("auditor") == listed("admin_key") == everything
+    ids = world.key_ids
+    unscoped = {i for i, k in everything.items() if k["datasets"] is None}
+    assert {ids["trainer"], ids["auditor"], ids["admin_key"], ids["revoked_key"]} <= unscoped
+    for caller, mine, theirs in (
+        ("auditor_scoped", TARGET, "trainer_other_scope"),
+        ("auditor_other_scope", OTHER, "trainer_scoped"),
+    ):
+        seen = listed(caller)
+        in_scope = {i for i, k in everything.items() if mine in (k["datasets"] or [mine])}
+        assert set(seen) == in_scope
+        assert ids[theirs] not in seen and ids[caller] in seen
+        # Metadata as the admin sees it (revocations included), the scope cut to the auditor's.
+        for key_id, key in seen.items():
+            expected = everything[key_id]
+            cut = None if expected["datasets"] is None else [mine]
+            assert key == {**expected, "datasets": cut}
+        assert (
+            seen[ids["revoked_key"]]["revoked_at"] == everything[ids["revoked_key"]]["revoked_at"]
+        )
+        # Paging walks the same keys, in id order, and never past the scope.
+        first = world.call(caller, "GET", "/v1/keys", params={"limit": 1}).json()
+        assert [k["id"] for k in first["data"]] == sorted(in_scope)[:1] and first["has_more"]
+        after = sorted(in_scope)[-1]
+        assert world.call(caller, "GET", "/v1/keys", params={"after": after}).json() == {
+            "data": [],
+            "has_more": False,
+        }
+    # A key scoped to both datasets shows each auditor only its own part.
+    both = world.admin.post("/v1/keys", {"role": "trainer", "datasets": [TARGET, OTHER]})
+    assert both.status_code == 201, both.text
+    assert listed("auditor_scoped")[both.json()["id"]]["datasets"] == [TARGET]
+    assert listed("auditor_other_scope")[both.json()["id"]]["datasets"] == [OTHER]
+    assert listed("auditor")[both.json()["id"]]["datasets"] == sorted([TARGET, OTHER])
 
 
 def test_admin_keys_cannot_be_scoped(world: World) -> None:

@@ -327,6 +327,11 @@ async def every_route_and_state(admin: Any, connect: Callable[[str], Any]) -> No
 
     issued = await call(admin, "create_key", "trainer", datasets=[ds], name="contract")
     assert issued.key and issued.id in [k.id for k in await call(admin, "keys")]
+    watcher = await call(admin, "create_key", "auditor", datasets=[ds], name="contract auditor")
+    assert watcher.key is not None
+    # An auditor reads the metadata (never the secret) of the keys that may act on its datasets.
+    seen = {k.id: k for k in await call(connect(watcher.key), "keys")}
+    assert seen[issued.id].name == "contract" and seen[issued.id].key is None
     trainer = connect(issued.key)
     assert (await call(trainer, "dataset", ds)).id == ds
     with pytest.raises(Forbidden):
@@ -340,6 +345,11 @@ async def every_route_and_state(admin: Any, connect: Callable[[str], Any]) -> No
     # charges is corrected (tests/service/test_shuffle_correction.py); no API call makes them.
     assert {e.kind for e in entries} == set(ENTRY_KINDS) - {"correction", "hold_top_up"}
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    # Every entry here was written by the bootstrap key or (a lapsed lease) the service itself.
+    assert {(e.actor, e.actor_name, e.actor_role) for e in entries} == {
+        ("bootstrap", "LEDGER_ADMIN_KEY", "admin"),
+        ("system", "ledger service", "system"),
+    }
     assert (await call(admin, "ledger_csv", ds)).startswith("seq,")
     assert (await call(admin, "verify", ds)).ok
 

@@ -24,19 +24,23 @@ SCREENSHOTS = os.environ.get("LEDGER_UI_SCREENSHOTS")
 
 
 def _populate(admin: Api) -> None:
-    """Two datasets; `mnist` gets a finished run, releases, a cap change and a live hold."""
+    """Two datasets; `mnist` gets a finished run, releases, a cap change and a live hold,
+    written by the bootstrap admin, a named trainer key and an unnamed one."""
     body = {"id": "mnist", "epsilon_cap": 5.0, "delta": 1e-5, "description": "handwritten digits"}
     assert admin.post("/v1/datasets", body).status_code == 201
     admin.create_dataset("census", 2.0)
     census_release = {"mechanism": "laplace", "epsilon": 0.5}
     assert admin.post("/v1/datasets/census/releases", census_release).status_code == 201
+    named = {"role": "trainer", "datasets": ["mnist"], "name": "mnist notebook"}
+    trainer = admin.as_key(admin.post("/v1/keys", named).json()["key"])
+    unnamed = admin.as_key(admin.new_key("trainer", ["mnist"]))
 
-    run = admin.post("/v1/datasets/mnist/runs", PLAN).json()
+    run = trainer.post("/v1/datasets/mnist/runs", PLAN).json()
     for _ in range(2):
-        assert admin.post(f"/v1/runs/{run['id']}/epochs").status_code == 201
-    assert admin.post(f"/v1/runs/{run['id']}/complete").status_code == 200
+        assert trainer.post(f"/v1/runs/{run['id']}/epochs").status_code == 201
+    assert trainer.post(f"/v1/runs/{run['id']}/complete").status_code == 200
     release = {"mechanism": "gaussian", "epsilon": 0.3, "delta": 1e-6, "name": "mean age"}
-    assert admin.post("/v1/datasets/mnist/releases", release).status_code == 201
+    assert unnamed.post("/v1/datasets/mnist/releases", release).status_code == 201
     assert admin.post("/v1/datasets/mnist/releases", census_release).status_code == 201
     cap = {"epsilon_cap": 4.0, "reason": "tighter policy"}
     assert admin.patch("/v1/datasets/mnist", cap).status_code == 200
@@ -131,6 +135,17 @@ def test_dashboard(live_server: LiveServer, browser: Browser) -> None:
     assert _visible_row_seqs(browser) == seqs
     kinds = rows.locator("td:nth-child(4)").all_inner_texts()
     assert kinds == [e["kind"] for e in entries]
+    # Who: the key's name (the key id where the entry has none) and its role at write time.
+    actors = rows.locator("td:nth-child(3)").all_inner_texts()
+    assert actors == [
+        "\n".join(filter(None, [e["actor_name"] or e["actor"], e["actor_role"]])) for e in entries
+    ]
+    names = {(e["actor_name"], e["actor_role"]) for e in entries}
+    assert {("mnist notebook", "trainer"), ("LEDGER_ADMIN_KEY", "admin"), (None, "trainer")} <= (
+        names
+    )
+    unnamed = next(e for e in entries if e["actor_name"] is None)
+    assert actors[unnamed["seq"] - 1] == f"{unnamed['actor']}\ntrainer"
     last = rows.nth(len(entries) - 1)
     expect(last.locator("td").nth(8)).to_have_text(_eps(entries[-1]["epsilon_reserved_after"]))
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
@@ -144,7 +159,7 @@ def test_dashboard(live_server: LiveServer, browser: Browser) -> None:
     tooltip = page.locator("#chart-tooltip")
     expect(tooltip).to_be_visible()
     expect(tooltip).to_contain_text(f"#{cap_change['seq']} cap_change")
-    expect(tooltip).to_contain_text(cap_change["actor"])
+    expect(tooltip).to_contain_text("actor LEDGER_ADMIN_KEY (admin), key bootstrap")
     point.click()
     expect(page.locator("#ledger tbody tr.selected")).to_have_attribute(
         "data-seq", str(cap_change["seq"])

@@ -1,4 +1,4 @@
-"""API keys (admin): issue (secret shown once), list, revoke."""
+"""API keys: issue (secret shown once) and revoke (admin); list (admin, auditor)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ def create_key(
 def list_keys(
     db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
 ) -> KeyPage:
-    """Keys in id order (never their secrets)."""
+    """Keys in id order, never their secrets (admin, auditor).
+
+    A scoped auditor sees the keys that may act on one of its datasets, each scope cut to its own.
+    """
     data, more = keys.list_keys(db, principal, after=after, limit=limit, render=render.key)
     return KeyPage.model_validate({"data": data, "has_more": more})
 

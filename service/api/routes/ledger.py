@@ -34,6 +34,8 @@ CSV_COLUMNS = (
     "created_at",
     "kind",
     "actor",
+    "actor_name",
+    "actor_role",
     "run_id",
     "release_id",
     "voids_seq",

@@ -206,6 +206,28 @@ function applyFilters() {
 
 // ---------------------------------------------------------------- table
 
+// Who wrote an entry: the key's name and role as recorded with it. Entries written before
+// names were recorded (and those of unnamed keys) have no name: the key id stands in.
+function actorName(entry) {
+  return entry.actor_name ?? entry.actor;
+}
+
+function actorText(entry) {
+  const role = entry.actor_role ? ` (${entry.actor_role})` : "";
+  const key = entry.actor_name == null ? "" : `, key ${entry.actor}`;
+  return `${actorName(entry)}${role}${key}`;
+}
+
+function actorCell(entry) {
+  const named = entry.actor_name != null;
+  return el(
+    "td",
+    { class: "actor", title: `key ${entry.actor}` },
+    el("div", { class: named ? "actor-name" : "actor-name mono", text: actorName(entry) }),
+    entry.actor_role ? el("div", { class: "actor-role", text: entry.actor_role }) : null,
+  );
+}
+
 function renderTable() {
   const rows = state.entries.map((entry) =>
     el(
@@ -221,7 +243,7 @@ function renderTable() {
         { class: "nowrap" },
         el("time", { datetime: entry.created_at, text: formatTime(entry.created_at) }),
       ),
-      el("td", { class: "mono", text: entry.actor }),
+      actorCell(entry),
       el("td", {}, el("span", { class: `kind kind-${entry.kind}`, text: entry.kind })),
       el("td", { class: "mono", text: subject(entry) }),
       el(
@@ -361,7 +383,7 @@ function tooltipLines(entry) {
   return [
     el("strong", { text: `#${entry.seq} ${entry.kind}` }),
     el("span", { text: `${formatTime(entry.created_at)} UTC` }),
-    el("span", { text: `actor ${entry.actor}` }),
+    el("span", { text: `actor ${actorText(entry)}` }),
     entry.run_id ? el("span", { text: `run ${entry.run_id}` }) : null,
     el("span", { text: `entry ε ${formatEpsilon(entry.epsilon)}` }),
     el("span", {
@@ -465,7 +487,7 @@ function renderChart() {
 
   const points = entries.map((entry, index) => {
     const label =
-      `Entry ${entry.seq}, ${entry.kind}, ${formatTime(entry.created_at)} UTC, actor ${entry.actor}, ` +
+      `Entry ${entry.seq}, ${entry.kind}, ${formatTime(entry.created_at)} UTC, actor ${actorText(entry)}, ` +
       `entry ε ${formatEpsilon(entry.epsilon)}, ε spent after ${formatEpsilon(entry.epsilon_spent_after)}, ` +
       `ε reserved after ${formatEpsilon(entry.epsilon_reserved_after)}`;
     return svgEl("circle", {
