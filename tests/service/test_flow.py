@@ -19,9 +19,9 @@ def test_trainer_flow(live_server: LiveServer, database: Database) -> None:
     base = live_server()
     with httpx.Client(base_url=base, timeout=30) as http:
         admin = Api(http, ADMIN_KEY)
+        admin.create_dataset("mnist", 4.3, DELTA)
         trainer = admin.as_key(admin.new_key("trainer", ["mnist"]))
         auditor = admin.as_key(admin.new_key("auditor", ["mnist"]))
-        admin.create_dataset("mnist", 4.3, DELTA)
 
         plan = {"sample_rate": Q, "steps_per_epoch": STEPS, "epochs": EPOCHS, "target_epsilon": 3}
         created = trainer.post("/v1/datasets/mnist/runs", plan)
