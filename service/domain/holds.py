@@ -19,10 +19,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
+from accountant.members import pure_total
 from service.domain import ledger
-from service.domain.budget import Budget, loads_units
+from service.domain.budget import Budget, Cost, loads_units
 from service.domain.errors import DatasetFrozen
-from service.storage.models import Dataset, Run, utcnow
+from service.storage.models import Dataset, LedgerEntry, Run, utcnow
 
 SYSTEM_ACTOR = "system"
 
@@ -35,10 +36,16 @@ def epoch_mechanism(run: Run, epochs: int = 1) -> Mechanism:
     return SubsampledGaussian(run.sample_rate, run.noise_multiplier, run.steps_per_epoch * epochs)
 
 
-def unspent_units(run: Run) -> tuple[int, list[int]]:
-    """(epochs still held, their units): what releasing the run's hold gives back."""
+def epoch_cost(run: Run) -> Cost:
+    """One epoch's cost: its stored units and the pure part of its mechanism (a run's hold is
+    `epochs ×` this, so charging and releasing subtract it exactly)."""
+    return Cost(loads_units(run.epoch_units), pure_total(epoch_mechanism(run)))
+
+
+def unspent(run: Run) -> tuple[int, Cost]:
+    """(epochs still held, their cost): what releasing the run's hold gives back."""
     remaining = max(0, run.epochs - run.epochs_charged)
-    return remaining, [remaining * unit for unit in loads_units(run.epoch_units)]
+    return remaining, epoch_cost(run).times(remaining)
 
 
 def release(
@@ -51,10 +58,10 @@ def release(
     actor: str,
     now: datetime,
     idempotency_key: str | None = None,
-) -> None:
+) -> LedgerEntry:
     """End a run: release its unspent hold and append the `release_hold` entry."""
-    remaining, units = unspent_units(run)
-    budget.release(units)
+    remaining, cost = unspent(run)
+    budget.release(cost)
     run.status = status
     run.updated_at = now
     dataset.active_runs -= 1
@@ -62,12 +69,12 @@ def release(
         "release_hold",
         actor,
         mechanism=epoch_mechanism(run, remaining) if remaining else None,
-        units=units,
+        cost=cost,
         run_id=run.id,
         idempotency_key=idempotency_key,
         details={"reason": status, "epochs_released": remaining},
     )
-    ledger.append(session, dataset, budget, request, now)
+    return ledger.append(session, dataset, budget, request, now)
 
 
 def started(dataset: Dataset, run: Run) -> None:
