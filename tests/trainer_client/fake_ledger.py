@@ -49,9 +49,29 @@ def dataset_body(**changes: Any) -> dict[str, Any]:
         "active_runs": 0,
         "created_at": TIME,
         "updated_at": TIME,
+        "shares": {
+            "profile": "uniform",
+            "orders": [2.0, 8.0],
+            "weights": ["1/2", "1/2"],
+            "pure_sum": True,
+            "plan": None,
+        },
+        "epsilon_decided_by": None,
+        "outside_guarantee": None,
     }
     body.update(changes)
     return body
+
+
+def effect_body(before: float = 0.0, after: float = 0.1) -> dict[str, Any]:
+    """An admission's Effect body."""
+    return {
+        "epsilon": after - before,
+        "epsilon_spent_before": before,
+        "epsilon_spent_after": after,
+        "epsilon_reserved_before": before,
+        "epsilon_reserved_after": after,
+    }
 
 
 def entry_body(seq: int, kind: str = "charge") -> dict[str, Any]:
@@ -196,6 +216,7 @@ class FakeLedger:
             "ledger_seq": 10 + run.epochs_charged,
             "expires_at": TIME,
             "dataset": dataset_body(epsilon_spent=0.8 * run.epochs_charged),
+            "effect": effect_body(0.8 * (run.epochs_charged - 1), 0.8 * run.epochs_charged),
         }
         return httpx.Response(201, json=body)
 
