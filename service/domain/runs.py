@@ -103,10 +103,18 @@ def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
     # the mechanism the run is accounted as (holds.epoch_mechanism). Should their units differ
     # in the last bit, step σ up until the very hold the service writes is admitted.
     nudge = 1e-7
-    while not budget.admits(_plan_cost(spec, budget, sigma)):
+    for _ in range(64):
+        if budget.admits(_plan_cost(spec, budget, sigma)):
+            return _calibration(q, steps, spec.epochs, None, sigma, budget.filter.delta)
         sigma *= 1.0 + nudge
         nudge *= 2.0
-    return _calibration(q, steps, spec.epochs, None, sigma, budget.filter.delta)
+    # Unreachable unless the two curves disagree by far more than rounding: refuse, never guess.
+    raise BudgetExhausted(
+        f"no noise multiplier found with which a plan of {spec.epochs} epochs fits",
+        epsilon_cap=budget.filter.epsilon_cap,
+        epsilon_spent=budget.epsilon_spent(),
+        epsilon_reserved=budget.epsilon_reserved(),
+    )
 
 
 def _plan_cost(spec: RunSpec, budget: Budget, sigma: float) -> Cost:
