@@ -104,6 +104,11 @@ class BudgetExhausted(LedgerError):
         """The filter ε the dataset would have reached had the request been admitted."""
         return self._number("epsilon_after")
 
+    @property
+    def noise_multiplier_that_fits(self) -> float | None:
+        """For a refused run plan: the smallest σ with which it would fit now (else None)."""
+        return self._number("noise_multiplier_that_fits")
+
 
 class AuthError(LedgerError):
     """The key was not accepted (401) or lacks the role for this call (403)."""

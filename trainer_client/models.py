@@ -20,12 +20,16 @@ from trainer_client.errors import LedgerError
 __all__ = [
     "ApiKey",
     "Dataset",
+    "DecidedBy",
+    "Effect",
     "Epoch",
     "EpsilonEstimate",
     "LedgerEntry",
     "NoiseCalibration",
+    "OutsideGuarantee",
     "Release",
     "RunRecord",
+    "Shares",
     "VerifyResult",
 ]
 
@@ -153,11 +157,108 @@ def _dry_run_fields(body: _Body) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Shares:
+    """A dataset's filter members: a share of δ per RDP order, and the pure-ε sum.
+
+    Fixed when the dataset was created; `weights` are exact fractions ("num/den").
+    """
+
+    profile: str
+    orders: tuple[float, ...]
+    weights: tuple[str, ...]
+    pure_sum: bool
+    plan: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Shares:
+        """Read a shares body."""
+        b = _Body(obj, "Shares")
+        weights = b.array("weights")
+        if not all(isinstance(w, str) for w in weights):
+            raise _unexpected(f"Shares: weights are not strings: {weights!r}")
+        return cls(
+            profile=b.text("profile"),
+            orders=tuple(_floats(b.array("orders"), "orders")),
+            weights=tuple(weights),
+            pure_sum=b.flag("pure_sum"),
+            plan=b.opt_mapping("plan"),
+        )
+
+
+@dataclass(frozen=True)
+class DecidedBy:
+    """The filter member that gives a dataset's spent ε now, and a sentence saying so."""
+
+    member: str
+    order: float | None
+    share: str
+    delta: float
+    text: str
+
+    @classmethod
+    def from_json(cls, obj: object) -> DecidedBy:
+        """Read an epsilon_decided_by body."""
+        b = _Body(obj, "DecidedBy")
+        return cls(
+            member=b.text("member"),
+            order=b.opt_number("order"),
+            share=b.text("share"),
+            delta=b.number("delta"),
+            text=b.text("text"),
+        )
+
+
+@dataclass(frozen=True)
+class OutsideGuarantee:
+    """From entry `since_seq` on, the dataset's figures are outside the filter's guarantee."""
+
+    since_seq: int
+    reason: str
+
+    @classmethod
+    def from_json(cls, obj: object) -> OutsideGuarantee:
+        """Read an outside_guarantee body."""
+        b = _Body(obj, "OutsideGuarantee")
+        return cls(since_seq=b.integer("since_seq"), reason=b.text("reason"))
+
+
+@dataclass(frozen=True)
+class Effect:
+    """How far one admission moved its dataset's reported ε, beside the entry's own ε."""
+
+    epsilon: float | None
+    epsilon_spent_before: float
+    epsilon_spent_after: float
+    epsilon_reserved_before: float
+    epsilon_reserved_after: float
+
+    @classmethod
+    def from_json(cls, obj: object) -> Effect:
+        """Read an effect body."""
+        b = _Body(obj, "Effect")
+        return cls(
+            epsilon=b.opt_number("epsilon"),
+            epsilon_spent_before=b.number("epsilon_spent_before"),
+            epsilon_spent_after=b.number("epsilon_spent_after"),
+            epsilon_reserved_before=b.number("epsilon_reserved_before"),
+            epsilon_reserved_after=b.number("epsilon_reserved_after"),
+        )
+
+
+def _opt_effect(b: _Body) -> Effect | None:
+    body = b.opt_mapping("effect")
+    return None if body is None else Effect.from_json(body)
+
+
+@dataclass(frozen=True)
 class Dataset:
     """A dataset's budget: its cap and what is spent and reserved against it.
 
     `epsilon_spent` is the filter ε of the posted charges, `epsilon_reserved` that of
     charges plus holds (never below spent), `epsilon_remaining` = cap − reserved.
+    `epsilon_decided_by` names the filter member that gives `epsilon_spent` (None while
+    nothing is spent); `outside_guarantee` is set once a refund or a cap raised after
+    charges put the figures outside the filter's guarantee.
     """
 
     id: str
@@ -172,12 +273,17 @@ class Dataset:
     active_runs: int
     created_at: datetime
     updated_at: datetime
+    shares: Shares
+    epsilon_decided_by: DecidedBy | None
+    outside_guarantee: OutsideGuarantee | None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
     def from_json(cls, obj: object) -> Dataset:
         """Read a Dataset body."""
         b = _Body(obj, "Dataset")
+        decided = b.opt_mapping("epsilon_decided_by")
+        outside = b.opt_mapping("outside_guarantee")
         return cls(
             id=b.text("id"),
             description=b.text("description"),
@@ -191,6 +297,9 @@ class Dataset:
             active_runs=b.integer("active_runs"),
             created_at=b.time("created_at"),
             updated_at=b.time("updated_at"),
+            shares=Shares.from_json(b.mapping("shares")),
+            epsilon_decided_by=None if decided is None else DecidedBy.from_json(decided),
+            outside_guarantee=None if outside is None else OutsideGuarantee.from_json(outside),
             raw=b.obj,
         )
 
@@ -202,7 +311,8 @@ class RunRecord(_DryRunFields):
     `epsilon` is the plan's own ε at the dataset's δ (Opacus'
     ``make_private_with_epsilon`` meaning), not the dataset's filter figure.
     `id` is None only in a dry run. `dataset` is the dataset's budget right
-    after the call that returned this record (creation, complete, abort).
+    after the call that returned this record (creation, complete, abort), and
+    `effect` how far that call moved its ε.
     """
 
     id: str | None
@@ -224,6 +334,7 @@ class RunRecord(_DryRunFields):
     created_at: datetime
     updated_at: datetime
     dataset: Dataset | None = None
+    effect: Effect | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -251,6 +362,7 @@ class RunRecord(_DryRunFields):
             created_at=b.time("created_at"),
             updated_at=b.time("updated_at"),
             dataset=None if dataset is None else Dataset.from_json(dataset),
+            effect=_opt_effect(b),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -276,6 +388,7 @@ class Epoch(_DryRunFields):
     ledger_seq: int | None
     expires_at: datetime
     dataset: Dataset
+    effect: Effect
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @property
@@ -309,6 +422,7 @@ class Epoch(_DryRunFields):
             ledger_seq=b.opt_integer("ledger_seq"),
             expires_at=b.time("expires_at"),
             dataset=Dataset.from_json(b.mapping("dataset")),
+            effect=Effect.from_json(b.mapping("effect")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -336,6 +450,7 @@ class Release(_DryRunFields):
     noised_values: tuple[float, ...] | None
     created_at: datetime
     dataset: Dataset
+    effect: Effect
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -356,6 +471,7 @@ class Release(_DryRunFields):
             noised_values=None if values is None else tuple(_floats(values, "noised_values")),
             created_at=b.time("created_at"),
             dataset=Dataset.from_json(b.mapping("dataset")),
+            effect=Effect.from_json(b.mapping("effect")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -384,7 +500,10 @@ class LedgerEntry:
     actor: str
     idempotency_key: str | None
     epsilon: float | None
+    pure: str | None
+    epsilon_spent_before: float | None
     epsilon_spent_after: float
+    epsilon_reserved_before: float | None
     epsilon_reserved_after: float
     details: Mapping[str, Any] = field(hash=False)
     created_at: datetime
@@ -411,7 +530,10 @@ class LedgerEntry:
             actor=b.text("actor"),
             idempotency_key=b.opt_text("idempotency_key"),
             epsilon=b.opt_number("epsilon"),
+            pure=b.opt_text("pure"),
+            epsilon_spent_before=b.opt_number("epsilon_spent_before"),
             epsilon_spent_after=b.number("epsilon_spent_after"),
+            epsilon_reserved_before=b.opt_number("epsilon_reserved_before"),
             epsilon_reserved_after=b.number("epsilon_reserved_after"),
             details=b.mapping("details"),
             created_at=b.time("created_at"),
@@ -434,12 +556,14 @@ class VerifyResult:
     chain_ok: bool
     replay_ok: bool
     problems: tuple[str, ...]
+    outside_guarantee: OutsideGuarantee | None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
     def from_json(cls, obj: object) -> VerifyResult:
         """Read a verify body."""
         b = _Body(obj, "Verify")
+        outside = b.opt_mapping("outside_guarantee")
         return cls(
             ok=b.flag("ok"),
             entries=b.integer("entries"),
@@ -448,6 +572,7 @@ class VerifyResult:
             chain_ok=b.flag("chain_ok"),
             replay_ok=b.flag("replay_ok"),
             problems=tuple(b.array("problems")),
+            outside_guarantee=None if outside is None else OutsideGuarantee.from_json(outside),
             raw=b.obj,
         )
 

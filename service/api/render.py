@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from service.domain.datasets import DatasetView
-from service.domain.ledger import iso
+from service.domain.ledger import Effect, iso
 from service.domain.releases import ReleaseResult
 from service.domain.runs import EpochResult, RunResult
 from service.storage.models import ApiKey, LedgerEntry, Run
@@ -34,6 +34,22 @@ def dataset(view: DatasetView) -> Body:
         "active_runs": view.active_runs,
         "created_at": iso(view.created_at),
         "updated_at": iso(view.updated_at),
+        "shares": view.shares,
+        "epsilon_decided_by": view.epsilon_decided_by,
+        "outside_guarantee": view.outside_guarantee,
+    }
+
+
+def effect(moved: Effect | None) -> Body | None:
+    """How far an entry moved its dataset's ε."""
+    if moved is None:
+        return None
+    return {
+        "epsilon": moved.epsilon,
+        "epsilon_spent_before": moved.epsilon_spent_before,
+        "epsilon_spent_after": moved.epsilon_spent_after,
+        "epsilon_reserved_before": moved.epsilon_reserved_before,
+        "epsilon_reserved_after": moved.epsilon_reserved_after,
     }
 
 
@@ -63,7 +79,7 @@ def run(row: Run) -> Body:
 
 def run_result(result: RunResult) -> Body:
     """A run with its dataset after the operation."""
-    return {**run(result.run), "dataset": dataset(result.dataset)}
+    return {**run(result.run), "dataset": dataset(result.dataset), "effect": effect(result.effect)}
 
 
 def epoch(result: EpochResult) -> Body:
@@ -80,6 +96,7 @@ def epoch(result: EpochResult) -> Body:
         "ledger_seq": result.ledger_seq,
         "expires_at": iso(result.run.expires_at),
         "dataset": dataset(result.dataset),
+        "effect": effect(result.effect),
     }
 
 
@@ -100,6 +117,7 @@ def release(result: ReleaseResult) -> Body:
         "noise": result.noise,
         "created_at": iso(row.created_at),
         "dataset": dataset(result.dataset),
+        "effect": effect(result.effect),
     }
 
 
@@ -119,7 +137,10 @@ def entry(row: LedgerEntry) -> Body:
         "actor_role": row.actor_role,
         "idempotency_key": row.idempotency_key,
         "epsilon": row.epsilon,
+        "pure": row.pure,
+        "epsilon_spent_before": row.epsilon_spent_before,
         "epsilon_spent_after": row.epsilon_spent_after,
+        "epsilon_reserved_before": row.epsilon_reserved_before,
         "epsilon_reserved_after": row.epsilon_reserved_after,
         "details": json.loads(row.details),
         "created_at": row.created_at,

@@ -54,11 +54,52 @@ class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+# An explicit share of δ: an integer or a fraction "num/den" (or a decimal), kept exact.
+Weight = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(/[0-9]+|\.[0-9]+)?$")]
+
+
+class SharesCreate(Request):
+    """How δ is shared among the filter's members; fixed at creation, kept by cap changes."""
+
+    profile: Literal["default", "dp_sgd", "uniform", "explicit"] = Field(
+        "default",
+        description="default: 9/10 of δ on the order where a Gaussian-shaped history reaching "
+        "the cap converts best, 1/10 spread thin; dp_sgd: the same, the heavy order placed for "
+        "a planned DP-SGD run (sample_rate, steps); uniform: δ/|Λ| on every order; explicit: "
+        "your orders and weights.",
+    )
+    sample_rate: Real | None = Field(None, ge=MIN_PROBABILITY, le=1, description="dp_sgd only.")
+    steps: Count | None = Field(None, ge=1, le=MAX_STEPS, description="dp_sgd only: all steps.")
+    orders: list[Real] | None = Field(
+        None, min_length=1, max_length=256, description="explicit only: orders α > 1."
+    )
+    weights: list[Weight] | None = Field(
+        None, min_length=1, max_length=256, description="explicit only: shares of δ, sum ≤ 1."
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_profile(self) -> SharesCreate:
+        plan = self.sample_rate is not None or self.steps is not None
+        explicit = self.orders is not None or self.weights is not None
+        if self.profile == "dp_sgd" and (self.sample_rate is None or self.steps is None):
+            raise ValueError("the dp_sgd profile needs sample_rate and steps")
+        if self.profile != "dp_sgd" and plan:
+            raise ValueError("sample_rate and steps belong to the dp_sgd profile only")
+        if self.profile == "explicit" and (self.orders is None or self.weights is None):
+            raise ValueError("the explicit profile needs orders and weights")
+        if self.profile != "explicit" and explicit:
+            raise ValueError("orders and weights belong to the explicit profile only")
+        return self
+
+
 class DatasetCreate(Request):
     id: DatasetId = Field(description="1–64 characters: letters, digits, '.', '_', '-'.")
     epsilon_cap: Real = Field(ge=0, le=MAX_EPSILON)
     delta: Real = Field(ge=MIN_PROBABILITY, lt=1, description="Fixed at creation.")
     description: Description = ""
+    shares: SharesCreate | None = Field(
+        None, description="The filter's shares of δ (default profile when absent)."
+    )
 
 
 class DatasetUpdate(Request):
@@ -66,6 +107,38 @@ class DatasetUpdate(Request):
     frozen: StrictBool | None = None
     description: Description | None = None
     reason: Reason | None = None
+
+
+class SharesPublic(Public):
+    """The filter's members: an RDP member per order with a share of δ, and the pure sum."""
+
+    profile: Literal["default", "dp_sgd", "uniform", "explicit"]
+    orders: list[float] = Field(description="The dataset's order grid Λ.")
+    weights: list[str] = Field(description='Each order\'s share of δ, exact ("num/den").')
+    pure_sum: bool = Field(
+        description="Whether the filter has the pure-ε sum member (basic composition, share "
+        "0); false only for datasets created before it existed."
+    )
+    plan: dict[str, Any] | None = Field(
+        None, description="dp_sgd: the planned run shape the heavy order was placed for."
+    )
+
+
+class DecidedByPublic(Public):
+    """The member that gives the dataset's spent ε now."""
+
+    member: Literal["rdp", "pure_sum"]
+    order: float | None = Field(description="The RDP member's order α (null for pure_sum).")
+    share: str = Field(description="Its share of δ, exact.")
+    delta: float = Field(description="Its δ (share × the dataset's δ).")
+    text: str = Field(description="One sentence for a trainer.")
+
+
+class OutsideGuaranteePublic(Public):
+    """From this entry on, the dataset's figures are outside the filter's guarantee."""
+
+    since_seq: int
+    reason: str
 
 
 class DatasetPublic(Public):
@@ -81,6 +154,24 @@ class DatasetPublic(Public):
     active_runs: int
     created_at: str
     updated_at: str
+    shares: SharesPublic
+    epsilon_decided_by: DecidedByPublic | None = Field(
+        description="Which member gives epsilon_spent now (null while nothing is spent)."
+    )
+    outside_guarantee: OutsideGuaranteePublic | None = Field(
+        description="Set once a refund or a cap raised after charges put the figures outside "
+        "the filter's guarantee (null while they are within it)."
+    )
+
+
+class EffectPublic(Public):
+    """How far this admission's ledger entry moved the dataset's reported ε."""
+
+    epsilon: float | None = Field(description="The entry's own ε at the dataset's δ.")
+    epsilon_spent_before: float
+    epsilon_spent_after: float
+    epsilon_reserved_before: float
+    epsilon_reserved_after: float
 
 
 class RunCreate(Request):
@@ -93,11 +184,19 @@ class RunCreate(Request):
     max_grad_norm: Real | None = Field(None, gt=0, le=1e12)
     name: Name | None = None
     lease_seconds: Count | None = Field(None, ge=1, le=7 * 24 * 3600)
+    fit_remaining: StrictBool | None = Field(
+        None,
+        description="true: the smallest σ (1e-5 relative) with which the whole plan fits what "
+        "remains of the dataset now, holds included.",
+    )
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> RunCreate:
-        if (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        sources = (self.target_epsilon, self.noise_multiplier, self.fit_remaining or None)
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(
+                "give exactly one of target_epsilon, noise_multiplier and fit_remaining: true"
+            )
         if self.steps_per_epoch * self.epochs > MAX_STEPS:
             raise ValueError(f"steps_per_epoch × epochs must be at most {MAX_STEPS}")
         return self
@@ -126,6 +225,9 @@ class RunPublic(Public):
 
 class RunWithDataset(RunPublic):
     dataset: DatasetPublic
+    effect: EffectPublic | None = Field(
+        None, description="How far this call's ledger entry moved the dataset's ε."
+    )
 
 
 class EpochPublic(Public):
@@ -140,6 +242,7 @@ class EpochPublic(Public):
     ledger_seq: int
     expires_at: str
     dataset: DatasetPublic
+    effect: EffectPublic = Field(description="How far this epoch moved the dataset's ε.")
 
 
 class ReleaseCreate(Request):
@@ -209,6 +312,7 @@ class ReleasePublic(Public):
     )
     created_at: str
     dataset: DatasetPublic
+    effect: EffectPublic = Field(description="How far this release moved the dataset's ε.")
 
 
 class EntryPublic(Public):
@@ -233,7 +337,18 @@ class EntryPublic(Public):
     )
     idempotency_key: str | None
     epsilon: float | None = Field(description="The entry's own ε at the dataset's δ.")
+    pure: str | None = Field(
+        None,
+        description='The entry\'s exact pure-ε part ("num/den", then ";k" for k non-pure '
+        "mechanisms); absent on datasets without the pure-sum member and before it existed.",
+    )
+    epsilon_spent_before: float | None = Field(
+        None, description="The dataset's spent ε before this entry (absent on older entries)."
+    )
     epsilon_spent_after: float
+    epsilon_reserved_before: float | None = Field(
+        None, description="The dataset's reserved ε before this entry (absent on older entries)."
+    )
     epsilon_reserved_after: float
     details: dict[str, Any]
     created_at: str
@@ -243,6 +358,12 @@ class EntryPublic(Public):
 
 class VoidCreate(Request):
     reason: Reason
+    refund: StrictBool = Field(
+        False,
+        description="false (default): the charge's cost is kept (its output was handed out). "
+        "true: subtract it, admitting that budget again; the dataset is then outside the "
+        "filter's guarantee and says so.",
+    )
 
 
 class VerifyPublic(Public):
@@ -253,6 +374,9 @@ class VerifyPublic(Public):
     chain_ok: bool
     replay_ok: bool
     problems: list[str]
+    outside_guarantee: OutsideGuaranteePublic | None = Field(
+        description="Where the replayed ledger leaves the filter's guarantee (null: nowhere)."
+    )
 
 
 class KeyCreate(Request):

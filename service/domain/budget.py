@@ -1,28 +1,87 @@
-"""A dataset's budget state in memory: its filter and its posted/pending curves.
+"""A dataset's budget state in memory: its member filter, its curves and its pure-ε sums.
 
-The conversions are memoised on their exact integer inputs: an admission asks
-for the same figures more than once (for its ledger entry and for its answer),
-and every epoch of a run, or release of one kind, has the same curve.
+A dataset's filter is `accountant.members.MemberFilter` with the shares of δ fixed
+when it was created (docs/accounting.md §3). Its state is the posted (charges) and
+pending (holds) RDP curves in exact units, and — when the filter has the pure-sum
+member — the exact pure-ε sums of the same two (`PureTotal`: an ε sum and a count of
+non-pure items, so releasing a DP-SGD hold subtracts exactly and gives the pure member
+back). Datasets created before migration 0004 have uniform shares and no pure-sum
+member: their pure sums are None and every figure is the one they always reported.
+
+The conversions are memoised on their exact inputs: an admission asks for the same
+figures more than once (its entry, its answer), and every epoch of a run, or release
+of one kind, has the same curve.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
+from typing import Any
 
-from accountant import Filter, exact
+from accountant import exact
 from accountant.mechanisms import Mechanism
+from accountant.members import Decision, MemberFilter, PureTotal, Shares, pure_total
 from accountant.rdp import to_epsilon
 from service.storage.models import Dataset
 
 Units = list[int]
+# The pure part of a cost on a dataset without the pure-sum member: never looked at.
+_NO_PURE = PureTotal()
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one hold, charge or release costs: its RDP curve in units and its pure-ε part."""
+
+    units: Units
+    pure: PureTotal
+
+    def times(self, copies: int) -> Cost:
+        """`copies` of this cost (a run's hold is epochs × one epoch)."""
+        # Not PureTotal.times: a finished run releases 0 copies of its epoch.
+        pure = PureTotal(self.pure.epsilon_sum * copies, self.pure.impure * copies)
+        return Cost([copies * unit for unit in self.units], pure)
+
+
+@dataclass(frozen=True)
+class StoredShares:
+    """A dataset's shares as stored: the filter's Shares and how the admin chose them.
+
+    `profile` is the admin's choice (uniform, default, dp_sgd, explicit); the dp_sgd
+    profile is the default split with its heavy order placed for a planned run shape
+    (`plan`: sample_rate and steps), so its filter Shares carry the profile "default".
+    """
+
+    profile: str
+    shares: Shares
+    plan: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """The text stored on the dataset row and in its `dataset_created` entry."""
+        return json.dumps(self.public(), separators=(",", ":"))
+
+    def public(self) -> dict[str, Any]:
+        """As shown on the dataset and recorded in its first entry."""
+        return {**self.shares.params(), "profile": self.profile, "plan": self.plan}
+
+
+@lru_cache(maxsize=1024)
+def loads_shares(text: str) -> StoredShares:
+    """A dataset's stored shares (cached: they never change)."""
+    stored = json.loads(text)
+    profile = stored["profile"]
+    filter_profile = "default" if profile == "dp_sgd" else profile
+    shares = Shares.from_params({**stored, "profile": filter_profile})
+    return StoredShares(profile, shares, stored.get("plan"))
 
 
 @lru_cache(maxsize=256)
-def cap_filter(epsilon_cap: float, delta: float, orders: tuple[float, ...]) -> Filter:
-    """The dataset's filter (cached: budgets depend only on cap, δ and the grid)."""
-    return Filter(epsilon_cap, delta, orders)
+def member_filter(epsilon_cap: float, delta: float, shares: Shares) -> MemberFilter:
+    """The dataset's filter (cached: its budgets depend only on cap, δ and shares)."""
+    return MemberFilter(epsilon_cap, delta, shares)
 
 
 @lru_cache(maxsize=1024)
@@ -30,9 +89,9 @@ def _units(mechanism: Mechanism, orders: tuple[float, ...]) -> tuple[int, ...]:
     return tuple(exact.to_units(mechanism.rdp(orders)))
 
 
-@lru_cache(maxsize=1024)
-def _filter_epsilon(filter_: Filter, units: tuple[int, ...]) -> float:
-    return filter_.epsilon(exact.to_curve(units))
+@lru_cache(maxsize=2048)
+def _decide(filter_: MemberFilter, units: tuple[int, ...], pure: PureTotal) -> Decision:
+    return filter_.decide(exact.to_curve(units), pure)
 
 
 @lru_cache(maxsize=1024)
@@ -50,89 +109,160 @@ def loads_units(text: str) -> Units:
     return [int(v) for v in json.loads(text)]
 
 
+def loads_pure(text: str | None) -> PureTotal | None:
+    """A stored pure total (None stays None: no pure-sum member)."""
+    return PureTotal.from_text(text) if text is not None else None
+
+
+def _stored_pure(stored: StoredShares, text: str | None) -> PureTotal | None:
+    if not stored.shares.pure_sum:
+        return None
+    if text is None:
+        raise ValueError("the dataset's filter has the pure-sum member but no stored pure sums")
+    return PureTotal.from_text(text)
+
+
+def _plus(total: PureTotal | None, part: PureTotal) -> PureTotal | None:
+    return total + part if total is not None else None
+
+
+def _minus(total: PureTotal | None, part: PureTotal) -> PureTotal | None:
+    return total - part if total is not None else None
+
+
 @dataclass
 class Budget:
-    """posted (charges) and pending (holds) of one dataset, with its filter."""
+    """posted (charges) and pending (holds) of one dataset, with its member filter.
 
-    filter: Filter
+    `reported` is (spent, reserved) as of the last stored state: the next entry's
+    figures before it.
+    """
+
+    filter: MemberFilter
+    shares: StoredShares
     orders: tuple[float, ...]
     posted: Units
     pending: Units
+    pure_posted: PureTotal | None
+    pure_pending: PureTotal | None
+    reported: tuple[float, float] | None = field(default=None)
 
     @classmethod
     def of(cls, dataset: Dataset) -> Budget:
         """The budget of a dataset row."""
         orders = tuple(float(a) for a in json.loads(dataset.orders))
-        return cls(
-            filter=cap_filter(dataset.epsilon_cap, dataset.delta, orders),
+        stored = loads_shares(dataset.shares)
+        budget = cls(
+            filter=member_filter(dataset.epsilon_cap, dataset.delta, stored.shares),
+            shares=stored,
             orders=orders,
             posted=loads_units(dataset.posted_units),
             pending=loads_units(dataset.pending_units),
+            pure_posted=_stored_pure(stored, dataset.pure_posted),
+            pure_pending=_stored_pure(stored, dataset.pure_pending),
         )
+        budget.reported = (budget.epsilon_spent(), budget.epsilon_reserved())
+        return budget
+
+    @property
+    def has_pure_sum(self) -> bool:
+        """Whether the filter has the pure-sum member (datasets created since 0004)."""
+        return self.shares.shares.pure_sum
 
     def store(self, dataset: Dataset) -> None:
-        """Write the curves back to the row."""
+        """Write the curves and pure sums back to the row."""
         dataset.posted_units = dumps_units(self.posted)
         dataset.pending_units = dumps_units(self.pending)
+        if self.pure_posted is not None and self.pure_pending is not None:
+            dataset.pure_posted = self.pure_posted.to_text()
+            dataset.pure_pending = self.pure_pending.to_text()
 
-    def units_of(self, mechanism: Mechanism) -> Units:
-        """The mechanism's curve on this dataset's grid, in exact units (rounded up)."""
-        return list(_units(mechanism, self.orders))
+    def cost_of(self, mechanism: Mechanism) -> Cost:
+        """The mechanism's cost on this dataset: its curve in exact units (rounded up) on the
+        dataset's grid and its exact pure-ε part."""
+        return Cost(list(_units(mechanism, self.orders)), pure_total(mechanism))
+
+    def _pure(self, total: PureTotal | None) -> PureTotal:
+        return total if total is not None else _NO_PURE
+
+    def _decision(self, units: Units, pure: PureTotal | None) -> Decision:
+        return _decide(self.filter, tuple(units), self._pure(pure))
+
+    def _reserved_pure(self) -> PureTotal | None:
+        if self.pure_posted is None or self.pure_pending is None:
+            return None
+        return self.pure_posted + self.pure_pending
+
+    def spent_decision(self) -> Decision:
+        """The reported spent ε and the member that gives it (None when nothing is spent)."""
+        return self._decision(self.posted, self.pure_posted)
 
     def epsilon_spent(self) -> float:
-        """Filter ε of the posted charges."""
-        return _filter_epsilon(self.filter, tuple(self.posted))
+        """Filter ε of the posted charges (minimum over members at their shares)."""
+        return self.spent_decision().epsilon
 
     def epsilon_reserved(self) -> float:
         """Filter ε of posted charges plus pending holds."""
-        return _filter_epsilon(self.filter, tuple(exact.add(self.posted, self.pending)))
+        return self._decision(exact.add(self.posted, self.pending), self._reserved_pure()).epsilon
 
-    def epsilon_with(self, cost: Units) -> float:
+    def _with(self, cost: Cost) -> tuple[Units, PureTotal | None]:
+        units = exact.add(exact.add(self.posted, self.pending), cost.units)
+        return units, _plus(self._reserved_pure(), cost.pure)
+
+    def epsilon_with(self, cost: Cost) -> float:
         """Filter ε the dataset would reach with `cost` added."""
-        total = exact.add(exact.add(self.posted, self.pending), cost)
-        return _filter_epsilon(self.filter, tuple(total))
+        return self._decision(*self._with(cost)).epsilon
 
-    def admits(self, cost: Units) -> bool:
+    def admits(self, cost: Cost) -> bool:
         """Whether the filter admits `cost` on top of everything posted and pending."""
-        return self.filter.admits(
-            exact.to_curve(exact.add(exact.add(self.posted, self.pending), cost))
-        )
+        units, pure = self._with(cost)
+        return self.filter.admits(exact.to_curve(units), self._pure(pure))
 
-    def with_cap(self, epsilon_cap: float) -> Budget:
-        """The same posted and pending curves under the filter of another cap."""
-        delta = self.filter.delta
-        return Budget(
-            cap_filter(epsilon_cap, delta, self.orders), self.orders, self.posted, self.pending
-        )
-
-    def admits_reserved(self) -> bool:
-        """Whether the filter admits what is already posted and pending (nothing more).
+    def admits_under_cap(self, epsilon_cap: float) -> bool:
+        """Whether the same filter with cap `epsilon_cap` (same shares) admits posted + pending.
 
         An empty history is within any cap (its ε is 0), even a cap of 0 whose filter admits
         no curve at all.
         """
         if not any(self.posted) and not any(self.pending):
             return True
-        return self.filter.admits(exact.to_curve(exact.add(self.posted, self.pending)))
+        lowered = member_filter(epsilon_cap, self.filter.delta, self.shares.shares)
+        units = exact.add(self.posted, self.pending)
+        return lowered.admits(exact.to_curve(units), self._pure(self._reserved_pure()))
 
-    def own_epsilon(self, cost: Units) -> float:
-        """A cost's own ε at the dataset's δ (not a filter figure)."""
-        return _own_epsilon(self.filter.delta, self.orders, tuple(cost))
+    def own_epsilon(self, cost: Cost) -> float:
+        """A cost's own ε at the dataset's δ (not a filter figure): its RDP conversion on the
+        dataset's grid, or its exact pure-ε sum where the filter has that member and it is less."""
+        rdp = _own_epsilon(self.filter.delta, self.orders, tuple(cost.units))
+        return min(rdp, cost.pure.epsilon()) if self.has_pure_sum else rdp
 
-    def hold(self, cost: Units) -> None:
+    def entry_pure(self, cost: Cost) -> PureTotal | None:
+        """The pure part an entry records (None on a dataset without the pure-sum member)."""
+        return cost.pure if self.has_pure_sum else None
+
+    def hold(self, cost: Cost) -> None:
         """Add a hold."""
-        self.pending = exact.add(self.pending, cost)
+        self.pending = exact.add(self.pending, cost.units)
+        self.pure_pending = _plus(self.pure_pending, cost.pure)
 
-    def release(self, cost: Units) -> None:
+    def release(self, cost: Cost) -> None:
         """Release (part of) a hold."""
-        self.pending = exact.subtract(self.pending, cost)
+        self.pending = exact.subtract(self.pending, cost.units)
+        self.pure_pending = _minus(self.pure_pending, cost.pure)
 
-    def charge(self, cost: Units, *, from_hold: bool) -> None:
+    def charge(self, cost: Cost, *, from_hold: bool) -> None:
         """Post a charge, moving it out of a hold when it was held."""
         if from_hold:
-            self.pending = exact.subtract(self.pending, cost)
-        self.posted = exact.add(self.posted, cost)
+            self.release(cost)
+        self.posted = exact.add(self.posted, cost.units)
+        self.pure_posted = _plus(self.pure_posted, cost.pure)
 
-    def void(self, cost: Units) -> None:
-        """Compensate a charge."""
-        self.posted = exact.subtract(self.posted, cost)
+    def refund(self, cost: Cost) -> None:
+        """Subtract a posted charge (a refund, or a void written before migration 0004)."""
+        self.posted = exact.subtract(self.posted, cost.units)
+        self.pure_posted = _minus(self.pure_posted, cost.pure)
+
+
+def share_of(shares: Shares, member_order: float) -> Fraction:
+    """The share of δ an RDP member (its order) holds."""
+    return shares.weights[shares.orders.index(member_order)]

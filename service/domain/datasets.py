@@ -1,4 +1,10 @@
-"""Datasets: creation, reading (with lazy hold expiry), admin changes, voids, verification."""
+"""Datasets: creation, reading (with lazy hold expiry), admin changes, voids, verification.
+
+A dataset's filter shares of δ are chosen at creation and never change
+(docs/accounting.md §3): the default profile (most of δ on the order where a
+Gaussian-shaped history reaching the cap converts best), `dp_sgd` (the same split,
+its heavy order placed for a planned run shape), `uniform`, or explicit weights.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,24 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from fractions import Fraction
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from accountant import DEFAULT_ORDERS
 from accountant.mechanisms import from_params
+from accountant.members import (
+    Decision,
+    PureTotal,
+    default_shares,
+    explicit_shares,
+    uniform_shares,
+)
 from service.domain import holds, ledger
-from service.domain.budget import Budget, dumps_units, loads_units
-from service.domain.errors import CapBelowReserved, Conflict, NotFound
+from service.domain.budget import Budget, StoredShares, dumps_units, share_of
+from service.domain.errors import CapBelowReserved, Conflict, InvalidRequest, NotFound
 from service.domain.keys import Principal
 from service.domain.transactions import Body, Idempotency, Outcome, write
 from service.storage.database import Database
@@ -37,18 +52,51 @@ class DatasetView:
     active_runs: int
     created_at: datetime
     updated_at: datetime
+    shares: dict[str, Any]
+    epsilon_decided_by: dict[str, Any] | None
+    outside_guarantee: dict[str, Any] | None
+
+
+def decided_by(budget: Budget, decision: Decision) -> dict[str, Any] | None:
+    """Which member gives the dataset's spent ε, with a sentence a trainer understands."""
+    member = decision.member
+    if member is None:
+        return None
+    if member.kind == "pure_sum":
+        return {
+            "member": "pure_sum",
+            "order": None,
+            "share": "0",
+            "delta": 0.0,
+            "text": "Sum of pure ε: every charge so far is pure ε-DP (Laplace, pure_dp), so "
+            "the spent ε is exactly the sum of their ε (basic composition), using none of δ.",
+        }
+    assert member.order is not None
+    share = share_of(budget.shares.shares, member.order)
+    delta = budget.filter.delta * share.numerator / share.denominator
+    return {
+        "member": "rdp",
+        "order": member.order,
+        "share": f"{share.numerator}/{share.denominator}",
+        "delta": delta,
+        "text": f"RDP at α = {member.order:g}: the charges' composed Rényi curve gives the "
+        f"smallest ε at this order, which holds {float(share):.3g} of the dataset's δ "
+        f"({delta:.3g}); an entry's own ε is at the full δ, so it can differ from how far "
+        "it moves the dataset.",
+    }
 
 
 def view(dataset: Dataset, budget: Budget | None = None) -> DatasetView:
     """The caller-facing view of a dataset row."""
     budget = budget or Budget.of(dataset)
     reserved = budget.epsilon_reserved()
+    spent = budget.spent_decision()
     return DatasetView(
         id=dataset.id,
         description=dataset.description,
         epsilon_cap=dataset.epsilon_cap,
         delta=dataset.delta,
-        epsilon_spent=budget.epsilon_spent(),
+        epsilon_spent=spent.epsilon,
         epsilon_reserved=reserved,
         epsilon_remaining=max(0.0, dataset.epsilon_cap - reserved),
         frozen=dataset.frozen,
@@ -56,7 +104,21 @@ def view(dataset: Dataset, budget: Budget | None = None) -> DatasetView:
         active_runs=dataset.active_runs,
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
+        shares=budget.shares.public(),
+        epsilon_decided_by=decided_by(budget, spent),
+        outside_guarantee=ledger.outside_guarantee(dataset),
     )
+
+
+@dataclass(frozen=True)
+class SharesChoice:
+    """How an admin wants δ shared among the filter's members (fixed at creation)."""
+
+    profile: str = "default"
+    sample_rate: float | None = None
+    steps: int | None = None
+    orders: tuple[float, ...] | None = None
+    weights: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +129,37 @@ class DatasetSpec:
     epsilon_cap: float
     delta: float
     description: str = ""
+    shares: SharesChoice = SharesChoice()
+
+
+def choose_shares(spec: DatasetSpec) -> StoredShares:
+    """The shares a new dataset gets; InvalidRequest when the choice cannot be honoured."""
+    choice = spec.shares
+    try:
+        if choice.profile == "uniform":
+            return StoredShares("uniform", uniform_shares(DEFAULT_ORDERS, pure_sum=True))
+        if choice.profile == "explicit":
+            if choice.orders is None or choice.weights is None:
+                raise InvalidRequest("explicit shares need orders and weights")
+            weights = [Fraction(w) for w in choice.weights]
+            return StoredShares("explicit", explicit_shares(choice.orders, weights))
+        if spec.epsilon_cap == 0:
+            # No history reaches a cap of 0, so no order is where one converts best.
+            raise InvalidRequest(
+                f"the {choice.profile} shares need a cap above 0; choose uniform or explicit"
+            )
+        if choice.profile == "dp_sgd":
+            if choice.sample_rate is None or choice.steps is None:
+                raise InvalidRequest("dp_sgd shares need the planned sample_rate and steps")
+            plan = (choice.sample_rate, choice.steps)
+            return StoredShares(
+                "dp_sgd",
+                default_shares(spec.epsilon_cap, spec.delta, plan=plan),
+                {"sample_rate": choice.sample_rate, "steps": choice.steps},
+            )
+        return StoredShares("default", default_shares(spec.epsilon_cap, spec.delta))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise InvalidRequest(f"shares: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -89,15 +182,17 @@ def create(
     render: Render,
     idempotency: Idempotency | None = None,
 ) -> Outcome:
-    """Create a dataset with a zero budget and its `dataset_created` entry."""
+    """Create a dataset with a zero budget, its shares, and its `dataset_created` entry."""
     principal.require("admin")
+    stored = choose_shares(spec)
 
     def operation(session: Session, _: Dataset | None) -> tuple[int, Body]:
         if session.get(Dataset, spec.id) is not None:
             raise Conflict(f"dataset {spec.id!r} already exists")
         now = utcnow()
-        orders = tuple(float(a) for a in DEFAULT_ORDERS)
+        orders = stored.shares.orders
         zero = ledger.zero_units(orders)
+        nothing = PureTotal().to_text()
         dataset = Dataset(
             id=spec.id,
             description=spec.description,
@@ -105,8 +200,11 @@ def create(
             delta=spec.delta,
             frozen=False,
             orders=json.dumps(list(orders)),
+            shares=stored.to_json(),
             posted_units=dumps_units(zero),
             pending_units=dumps_units(zero),
+            pure_posted=nothing,
+            pure_pending=nothing,
             last_seq=0,
             last_hash=ledger.GENESIS_HASH,
             active_runs=0,
@@ -122,6 +220,7 @@ def create(
             "delta": spec.delta,
             "description": spec.description,
             "orders": list(orders),
+            "shares": stored.public(),
         }
         ledger.append(
             session,
@@ -214,7 +313,10 @@ def update(
             entry = ledger.Append(
                 "cap_change", principal.actor, idempotency_key=key, details=details
             )
-            ledger.append(session, dataset, Budget.of(dataset), entry, now)
+            budget = Budget.of(dataset)
+            written = ledger.append(session, dataset, budget, entry, now)
+            # A cap raised after a charge is not the cap fixed in advance the filter needs.
+            ledger.note_breach(dataset, written, charged=any(budget.posted))
         if patch.frozen is not None and patch.frozen != dataset.frozen:
             dataset.frozen = patch.frozen
             kind = "freeze" if patch.frozen else "unfreeze"
@@ -239,7 +341,7 @@ def _check_lower_cap(budget: Budget, epsilon_cap: float, old: float) -> None:
     Held epochs post later without a new admission, so a cap they no longer fit under would
     let the reported ε pass the cap (docs/accounting.md, "Lowering a cap").
     """
-    if budget.with_cap(epsilon_cap).admits_reserved():
+    if budget.admits_under_cap(epsilon_cap):
         return
     spent, reserved = budget.epsilon_spent(), budget.epsilon_reserved()
     raise CapBelowReserved(
@@ -261,8 +363,16 @@ def void(
     reason: str,
     render: Callable[[LedgerEntry], Body],
     idempotency: Idempotency | None = None,
+    *,
+    refund: bool = False,
 ) -> Outcome:
-    """Compensate a charge with a `void` entry (nothing is ever updated or deleted)."""
+    """Void a charge with a `void` entry (nothing is ever updated or deleted).
+
+    By default the charge's cost is kept: its output (a σ, noised values) was handed out and
+    may have been used, so the entry moves no curve. With `refund` the cost is subtracted,
+    which admits that budget again; from then on the dataset is outside the filter's guarantee
+    and says so.
+    """
     principal.require("admin")
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
@@ -280,20 +390,24 @@ def void(
         if already is not None:
             raise Conflict(f"entry {seq} was already voided by entry {already}")
         budget = Budget.of(dataset)
-        units = loads_units(target.units)
-        budget.void(units)
+        cost = ledger.entry_cost(target)
+        assert cost is not None
+        if refund:
+            budget.refund(cost)
         request = ledger.Append(
             "void",
             principal.actor,
             mechanism=from_params(json.loads(target.mechanism)),
-            units=units,
+            cost=cost if refund else None,
             run_id=target.run_id,
             release_id=target.release_id,
             voids_seq=seq,
             idempotency_key=idempotency.key if idempotency else None,
-            details={"reason": reason},
+            details={"reason": reason, "refund": refund},
         )
-        return 201, render(ledger.append(session, dataset, budget, request, utcnow()))
+        written = ledger.append(session, dataset, budget, request, utcnow())
+        ledger.note_breach(dataset, written, charged=True)
+        return 201, render(written)
 
     principal.require_dataset(dataset_id)
     return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)

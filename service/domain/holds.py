@@ -20,10 +20,11 @@ from sqlalchemy.orm import Session
 
 from accountant import calibrate, exact
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
+from accountant.members import PureTotal, pure_total
 from service.domain import ledger
-from service.domain.budget import Budget, dumps_units, loads_units
+from service.domain.budget import Budget, Cost, dumps_units, loads_units
 from service.domain.errors import DatasetFrozen
-from service.storage.models import Dataset, Run, utcnow
+from service.storage.models import Dataset, LedgerEntry, Run, utcnow
 
 # The service itself (lapsed leases, corrections): fixed values, documented in docs/api.md.
 SYSTEM_ACTOR = ledger.Actor("system", "ledger service", "system")
@@ -46,10 +47,16 @@ def epoch_mechanism(run: Run, epochs: int = 1) -> Mechanism:
     return SubsampledGaussian(run.sample_rate, run.noise_multiplier, run.steps_per_epoch * epochs)
 
 
-def unspent_units(run: Run) -> tuple[int, list[int]]:
-    """(epochs still held, their units): what releasing the run's hold gives back."""
+def epoch_cost(run: Run) -> Cost:
+    """One epoch's cost: its stored units and the pure part of its mechanism (a run's hold is
+    `epochs ×` this, so charging and releasing subtract it exactly)."""
+    return Cost(loads_units(run.epoch_units), pure_total(epoch_mechanism(run)))
+
+
+def unspent(run: Run) -> tuple[int, Cost]:
+    """(epochs still held, their cost): what releasing the run's hold gives back."""
     remaining = max(0, run.epochs - run.epochs_charged)
-    return remaining, [remaining * unit for unit in loads_units(run.epoch_units)]
+    return remaining, epoch_cost(run).times(remaining)
 
 
 def release(
@@ -62,10 +69,10 @@ def release(
     actor: ledger.Actor,
     now: datetime,
     idempotency_key: str | None = None,
-) -> None:
+) -> LedgerEntry:
     """End a run: release its unspent hold and append the `release_hold` entry."""
-    remaining, units = unspent_units(run)
-    budget.release(units)
+    remaining, cost = unspent(run)
+    budget.release(cost)
     run.status = status
     run.updated_at = now
     dataset.active_runs -= 1
@@ -73,12 +80,12 @@ def release(
         "release_hold",
         actor,
         mechanism=epoch_mechanism(run, remaining) if remaining else None,
-        units=units,
+        cost=cost,
         run_id=run.id,
         idempotency_key=idempotency_key,
         details={"reason": status, "epochs_released": remaining},
     )
-    ledger.append(session, dataset, budget, request, now)
+    return ledger.append(session, dataset, budget, request, now)
 
 
 def started(dataset: Dataset, run: Run) -> None:
@@ -130,7 +137,7 @@ def correct(session: Session, dataset: Dataset, budget: Budget, now: datetime) -
     for run in session.execute(statement).scalars():
         before = loads_units(run.epoch_units)
         # Per order the larger: an order charged above the new curve keeps its charge.
-        fresh = budget.units_of(epoch_mechanism(run))
+        fresh = budget.cost_of(epoch_mechanism(run)).units
         after = [max(old, new) for old, new in zip(before, fresh, strict=True)]
         if after == before:
             continue
@@ -155,27 +162,29 @@ def _correct_run(
         "charged_before": Gaussian(run.noise_multiplier, 1).params(),
         "epsilon_before": run.epsilon,
     }
+    # The epochs were counted as non-pure items when first held and charged; a top-up adds
+    # curve only (datasets due a correction predate the pure-sum member anyway).
     if run.epochs_charged:
-        units = [run.epochs_charged * unit for unit in step]
-        budget.charge(units, from_hold=False)
+        cost = Cost([run.epochs_charged * unit for unit in step], PureTotal())
+        budget.charge(cost, from_hold=False)
         correction = ledger.Append(
             "correction",
             SYSTEM_ACTOR,
             mechanism=epoch_mechanism(run, run.epochs_charged),
-            units=units,
+            cost=cost,
             run_id=run.id,
             details={**details, "epochs": run.epochs_charged},
         )
         ledger.append(session, dataset, budget, correction, now)
     remaining = max(0, run.epochs - run.epochs_charged) if run.status == "active" else 0
     if remaining:
-        units = [remaining * unit for unit in step]
-        budget.hold(units)
+        cost = Cost([remaining * unit for unit in step], PureTotal())
+        budget.hold(cost)
         top_up = ledger.Append(
             "hold_top_up",
             SYSTEM_ACTOR,
             mechanism=epoch_mechanism(run, remaining),
-            units=units,
+            cost=cost,
             run_id=run.id,
             details={**details, "epochs": remaining},
         )

@@ -2,11 +2,15 @@
 
 Each entry's hash is SHA-256 over `prev_hash` and a canonical JSON encoding of
 every other field (sorted keys, no whitespace, floats by repr, which
-round-trips exactly). Replaying the entries in order — hold: pending += units;
-charge: posted += units (and pending -= units when it came from a hold);
-release_hold: pending -= units; void: posted -= units; correction: posted +=
-units; hold_top_up: pending += units — must reproduce the
-dataset row's cached curves exactly (integer units, so there is no rounding).
+round-trips exactly). Fields added by migrations 0004 (the figures before the
+entry, its pure-ε part) and 0005 (the actor's name and role) are hashed only
+when present, so entries written before them keep their hashes. Replaying the
+entries in order — hold: pending += cost; charge: posted += cost (and
+pending -= cost when it came from a hold); release_hold: pending -= cost; void
+with units (a refund, or any void written before 0004): posted -= cost; void
+without units: nothing (the cost is kept); correction: posted += cost;
+hold_top_up: pending += cost — must reproduce the dataset row's cached curves
+and pure sums exactly (integers and fractions, so there is no rounding).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from sqlalchemy.orm import Session
 
 from accountant import exact
 from accountant.mechanisms import Mechanism
-from service.domain.budget import Budget, dumps_units, loads_units
+from accountant.members import PureTotal
+from service.domain.budget import Budget, Cost, dumps_units, loads_pure, loads_units
 from service.storage.models import Dataset, LedgerEntry, Run
 
 GENESIS_HASH = "0" * 64
@@ -40,8 +45,14 @@ def canonical(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+# Hashed only when present: entries written before migration 0004 have none of them.
+_OPTIONAL_HASHED = ("epsilon_spent_before", "epsilon_reserved_before", "pure")
+
+
 def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
+    optional = {name: getattr(entry, name) for name in _OPTIONAL_HASHED}
     fields = {
+        **{name: value for name, value in optional.items() if value is not None},
         "dataset_id": entry.dataset_id,
         "seq": entry.seq,
         "kind": entry.kind,
@@ -91,7 +102,7 @@ class Append:
     kind: str
     actor: Actor
     mechanism: Mechanism | None = None
-    units: list[int] | None = None
+    cost: Cost | None = None
     run_id: str | None = None
     release_id: str | None = None
     voids_seq: int | None = None
@@ -99,11 +110,40 @@ class Append:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Effect:
+    """How far one entry moved its dataset's reported ε, beside its own ε (None: no cost)."""
+
+    epsilon: float | None
+    epsilon_spent_before: float | None
+    epsilon_spent_after: float
+    epsilon_reserved_before: float | None
+    epsilon_reserved_after: float
+
+    @classmethod
+    def of(cls, entry: LedgerEntry) -> Effect:
+        """The effect an entry records."""
+        return cls(
+            entry.epsilon,
+            entry.epsilon_spent_before,
+            entry.epsilon_spent_after,
+            entry.epsilon_reserved_before,
+            entry.epsilon_reserved_after,
+        )
+
+
 def append(
     session: Session, dataset: Dataset, budget: Budget, request: Append, now: datetime
 ) -> LedgerEntry:
-    """Append one entry to a locked dataset whose budget already reflects it; store the curves."""
+    """Append one entry to a locked dataset whose budget already reflects it; store the curves.
+
+    The entry records the dataset's figures before it (as last stored) and after it.
+    """
     budget.store(dataset)
+    cost = request.cost
+    pure = budget.entry_pure(cost) if cost is not None else None
+    spent_before, reserved_before = budget.reported or (None, None)
+    spent_after, reserved_after = budget.epsilon_spent(), budget.epsilon_reserved()
     entry = LedgerEntry(
         dataset_id=dataset.id,
         seq=dataset.last_seq + 1,
@@ -112,14 +152,17 @@ def append(
         release_id=request.release_id,
         voids_seq=request.voids_seq,
         mechanism=canonical(request.mechanism.params()) if request.mechanism else None,
-        units=dumps_units(request.units) if request.units is not None else None,
+        units=dumps_units(cost.units) if cost is not None else None,
+        pure=pure.to_text() if pure is not None else None,
         actor=request.actor.id,
         actor_name=request.actor.name,
         actor_role=request.actor.role,
         idempotency_key=request.idempotency_key,
-        epsilon=budget.own_epsilon(request.units) if request.units is not None else None,
-        epsilon_spent_after=budget.epsilon_spent(),
-        epsilon_reserved_after=budget.epsilon_reserved(),
+        epsilon=budget.own_epsilon(cost) if cost is not None else None,
+        epsilon_spent_before=spent_before,
+        epsilon_reserved_before=reserved_before,
+        epsilon_spent_after=spent_after,
+        epsilon_reserved_after=reserved_after,
         details=canonical(request.details),
         created_at=iso(now),
         prev_hash=dataset.last_hash,
@@ -128,27 +171,37 @@ def append(
     dataset.last_seq = entry.seq
     dataset.last_hash = entry.hash
     dataset.updated_at = now
+    budget.reported = (spent_after, reserved_after)
     session.add(entry)
     return entry
 
 
-def apply(budget: Budget, entry: LedgerEntry) -> None:
-    """Replay one entry's effect on the curves."""
+def entry_cost(entry: LedgerEntry) -> Cost | None:
+    """The cost an entry moved (None when it moved no curve)."""
     if entry.units is None:
+        return None
+    return Cost(loads_units(entry.units), loads_pure(entry.pure) or PureTotal())
+
+
+def apply(budget: Budget, entry: LedgerEntry) -> None:
+    """Replay one entry's effect on the curves and pure sums."""
+    cost = entry_cost(entry)
+    if cost is None:
         return
-    units = loads_units(entry.units)
+    if budget.has_pure_sum and entry.pure is None:
+        raise ValueError(f"a {entry.kind} entry without its pure-ε part on a pure-sum dataset")
     if entry.kind == "hold":
-        budget.hold(units)
+        budget.hold(cost)
     elif entry.kind == "charge":
-        budget.charge(units, from_hold=bool(json.loads(entry.details).get("from_hold")))
+        budget.charge(cost, from_hold=bool(json.loads(entry.details).get("from_hold")))
     elif entry.kind == "release_hold":
-        budget.release(units)
+        budget.release(cost)
     elif entry.kind == "void":
-        budget.void(units)
+        budget.refund(cost)
     elif entry.kind == "correction":
-        budget.charge(units, from_hold=False)
+        budget.charge(cost, from_hold=False)
     elif entry.kind == "hold_top_up":
-        budget.hold(units)
+        budget.hold(cost)
 
 
 def entries(
@@ -186,6 +239,38 @@ def stream(session: Session, dataset_id: str, **filters: Any) -> Iterator[Ledger
         after = batch[-1].seq
 
 
+def guarantee_breach(entry: LedgerEntry, charged: bool) -> str | None:
+    """Why this entry takes its dataset outside the filter's guarantee (None if it does not).
+
+    A void that subtracts its charge's cost (a refund; every void before migration 0004)
+    admits again the budget of an output that was handed out; a cap raised after a charge
+    is not the cap fixed in advance that the filter theorem needs (DESIGN.md §3).
+    `charged`: whether a charge came before this entry.
+    """
+    if entry.kind == "void" and entry.units is not None:
+        return f"entry {entry.seq} refunded the cost of charge {entry.voids_seq}"
+    if entry.kind == "cap_change" and charged:
+        change = json.loads(entry.details)
+        if change["new"] > change["old"]:
+            return f"entry {entry.seq} raised the cap from {change['old']:g} to {change['new']:g}"
+    return None
+
+
+def note_breach(dataset: Dataset, entry: LedgerEntry, charged: bool) -> None:
+    """Mark the dataset outside the guarantee from `entry` on, if it breaches it (first wins)."""
+    reason = guarantee_breach(entry, charged)
+    if reason is not None and dataset.outside_guarantee_seq is None:
+        dataset.outside_guarantee_seq = entry.seq
+        dataset.outside_guarantee_reason = reason
+
+
+def outside_guarantee(dataset: Dataset) -> dict[str, Any] | None:
+    """{since_seq, reason} when the dataset's figures are outside the filter's guarantee."""
+    if dataset.outside_guarantee_seq is None:
+        return None
+    return {"since_seq": dataset.outside_guarantee_seq, "reason": dataset.outside_guarantee_reason}
+
+
 @dataclass
 class Verification:
     """The outcome of recomputing a dataset's chain and replaying its curves."""
@@ -197,17 +282,48 @@ class Verification:
     chain_ok: bool
     replay_ok: bool
     problems: list[str]
+    outside_guarantee: dict[str, Any] | None = None
+
+
+def _legacy_shares(orders: list[float]) -> dict[str, Any]:
+    """The shares migration 0004 gave a dataset created before it: uniform, no pure sum."""
+    n = len(orders)
+    weights = [f"1/{n}"] * n
+    return {
+        "profile": "uniform",
+        "orders": orders,
+        "weights": weights,
+        "pure_sum": False,
+        "plan": None,
+    }
+
+
+def _check_created(entry: LedgerEntry, cached: Budget) -> str | None:
+    details = json.loads(entry.details)
+    shares = cached.shares.public()
+    recorded = details.get("shares", _legacy_shares(details.get("orders", [])))
+    if entry.kind != "dataset_created" or recorded != shares:
+        return "the dataset's shares are not the ones its dataset_created entry recorded"
+    if list(cached.orders) != shares["orders"]:
+        return "the dataset's order grid is not its shares' grid"
+    return None
 
 
 def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Verification:
-    """Recompute every hash, check seq has no gaps, replay the curves against the cache, and
-    check the dataset's cached run count and lapse bound against its runs."""
+    """Recompute every hash, check seq has no gaps, replay the curves, pure sums, shares,
+    figures before each entry and the guarantee mark against the cache, and check the
+    dataset's cached run count and lapse bound against its runs."""
     problems: list[str] = []
     chain_ok = True
     cached = Budget.of(dataset)
     zero = [0] * len(cached.orders)
-    replayed = Budget(filter=cached.filter, orders=cached.orders, posted=zero, pending=list(zero))
+    pure_zero = PureTotal() if cached.has_pure_sum else None
+    replayed = Budget(
+        cached.filter, cached.shares, cached.orders, zero, list(zero), pure_zero, pure_zero
+    )
     previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
+    previous_after = (0.0, 0.0)  # before the first entry nothing is spent
+    charged, breach = False, None
 
     def problem(text: str) -> None:
         if len(problems) < max_problems:
@@ -224,18 +340,34 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
         if entry_hash(entry) != entry.hash:
             chain_ok = False
             problem(f"seq {entry.seq}: hash does not match the entry's contents")
+        if entry.seq == 1 and (mismatch := _check_created(entry, cached)) is not None:
+            problem(f"seq 1: {mismatch}")
+        before = (entry.epsilon_spent_before, entry.epsilon_reserved_before)
+        if before != (None, None) and before != previous_after:
+            problem(f"seq {entry.seq}: its figures before are not the previous entry's after")
+        if breach is None and (reason := guarantee_breach(entry, charged)) is not None:
+            breach = {"since_seq": entry.seq, "reason": reason}
+        charged = charged or entry.kind == "charge"
         try:
             apply(replayed, entry)
         except (ValueError, json.JSONDecodeError) as exc:
             problem(f"seq {entry.seq}: cannot replay: {exc}")
         previous_hash, expected_seq = entry.hash, entry.seq + 1
+        previous_after = (entry.epsilon_spent_after, entry.epsilon_reserved_after)
 
     if dataset.last_seq != expected_seq - 1 or dataset.last_hash != previous_hash:
         chain_ok = False
         problem("the dataset's head (last_seq/last_hash) does not match the last entry")
-    replay_ok = replayed.posted == cached.posted and replayed.pending == cached.pending
+    replay_ok = (
+        replayed.posted == cached.posted
+        and replayed.pending == cached.pending
+        and replayed.pure_posted == cached.pure_posted
+        and replayed.pure_pending == cached.pure_pending
+    )
     if not replay_ok:
-        problem("replaying the entries does not reproduce the cached posted/pending curves")
+        problem("replaying the entries does not reproduce the cached curves and pure-ε sums")
+    if breach != outside_guarantee(dataset):
+        problem(f"the ledger puts the dataset outside the guarantee as {breach}; it says otherwise")
     active = (Run.dataset_id == dataset.id, Run.status == "active")
     counted, earliest = session.execute(
         select(func.count(), func.min(Run.expires_at)).where(*active)
@@ -247,7 +379,9 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
     ):
         problem("the dataset's lapse bound is later than an active run's lease end")
     ok = chain_ok and replay_ok and not problems
-    return Verification(ok, count, expected_seq - 1, previous_hash, chain_ok, replay_ok, problems)
+    return Verification(
+        ok, count, expected_seq - 1, previous_hash, chain_ok, replay_ok, problems, breach
+    )
 
 
 def zero_units(orders: tuple[float, ...]) -> list[int]:

@@ -67,6 +67,7 @@ class ReleaseResult:
     noised_values: list[float] | None
     dataset: DatasetView
     noise: dict[str, Any] | None = None
+    effect: ledger.Effect | None = None
 
 
 def calibrate_release(spec: ReleaseSpec, dataset_delta: float) -> Calibrated:
@@ -257,10 +258,10 @@ def create(
         assert dataset is not None
         calibrated = calibrate_release(spec, dataset.delta)
         now, budget = holds.begin(session, dataset)
-        units = budget.units_of(calibrated.mechanism)
-        if not budget.admits(units):
-            raise refusal(budget, dataset, units, f"a {spec.mechanism} release")
-        budget.charge(units, from_hold=False)
+        cost = budget.cost_of(calibrated.mechanism)
+        if not budget.admits(cost):
+            raise refusal(budget, dataset, cost, f"a {spec.mechanism} release")
+        budget.charge(cost, from_hold=False)
         release = Release(
             id=new_id("rel"),
             dataset_id=dataset.id,
@@ -279,7 +280,7 @@ def create(
             "charge",
             principal.actor,
             mechanism=calibrated.mechanism,
-            units=units,
+            cost=cost,
             release_id=release.id,
             idempotency_key=idempotency.key if idempotency else None,
             details={
@@ -293,8 +294,14 @@ def create(
                 "name": spec.name,
             },
         )
-        ledger.append(session, dataset, budget, request, now)
-        result = ReleaseResult(release, noised, view(dataset, budget), noise_details(calibrated))
+        entry = ledger.append(session, dataset, budget, request, now)
+        result = ReleaseResult(
+            release,
+            noised,
+            view(dataset, budget),
+            noise_details(calibrated),
+            ledger.Effect.of(entry),
+        )
         return 201, render(result)
 
     if dry_run:

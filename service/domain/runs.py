@@ -2,9 +2,11 @@
 
 The ledger computes σ before the transaction, so that a new plan's calibration
 (milliseconds) never holds the dataset's lock: it depends only on the plan and
-the dataset's fixed δ, and is memoised (a plan seen before costs nothing). A
-plan's hold is exactly `epochs ×` one epoch's units, so charging every epoch
-drains it to zero with no remainder.
+the dataset's fixed δ, and is memoised (a plan seen before costs nothing). The
+one exception is `fit_remaining`: the smallest σ with which the whole plan fits
+what remains of the dataset depends on its state, so it is computed under the
+lock (docs/benchmarks.md has its cost). A plan's hold is exactly `epochs ×` one
+epoch's cost, so charging every epoch drains it to zero with no remainder.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from functools import lru_cache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from accountant import calibrate
+from accountant import calibrate, exact
 from service.domain import holds, ledger
-from service.domain.budget import Budget, dumps_units, loads_units
+from service.domain.budget import Budget, Cost, dumps_units
 from service.domain.datasets import DatasetView, refresh, view
 from service.domain.errors import (
     BudgetExhausted,
@@ -55,6 +57,17 @@ class RunSpec:
     max_grad_norm: float | None
     name: str | None
     lease_seconds: int
+    fit_remaining: bool = False
+
+    def accounted_shape(self) -> tuple[float, int, float]:
+        """(sample rate, steps, sensitivity in clipping norms) one epoch is accounted as.
+
+        Shuffled fixed-size batches are one Gaussian step of sensitivity 2C per epoch, no
+        amplification: q = 1, one step of σ/2 (docs/accounting.md §1, "Shuffled batches").
+        """
+        if self.sampling == "shuffle":
+            return 1.0, 1, holds.SHUFFLE_SENSITIVITY
+        return self.sample_rate, self.steps_per_epoch, 1.0
 
 
 @dataclass(frozen=True)
@@ -72,15 +85,57 @@ def calibrate_plan(spec: RunSpec, delta: float) -> Calibration:
     The mechanism is the one each epoch is charged as (`holds.epoch_mechanism`), so the
     plan's ε and σ match its hold.
     """
-    if spec.sampling == "shuffle":
-        # One Gaussian step of sensitivity 2C per epoch, no amplification: q = 1, one step of
-        # σ/2 (docs/accounting.md §1, "Shuffled batches").
-        q, steps, sensitivity = 1.0, 1, holds.SHUFFLE_SENSITIVITY
-    else:
-        q, steps, sensitivity = spec.sample_rate, spec.steps_per_epoch, 1.0
+    q, steps, sensitivity = spec.accounted_shape()
     return _calibration(
         q, steps, sensitivity, spec.epochs, spec.target_epsilon, spec.noise_multiplier, delta
     )
+
+
+def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
+    """`fit_remaining`: the smallest σ (1e-5 relative) with which the whole plan fits what
+    remains of the (locked) dataset now, holds included; BudgetExhausted if none does."""
+    q, steps, sensitivity = spec.accounted_shape()
+    total = exact.add(budget.posted, budget.pending)
+    try:
+        charged = calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if charged is None:
+        raise BudgetExhausted(
+            f"a plan of {spec.epochs} epochs cannot fit what remains of the dataset with any "
+            f"noise multiplier up to {calibrate.SIGMA_MAX:g}",
+            epsilon_cap=budget.filter.epsilon_cap,
+            epsilon_spent=budget.epsilon_spent(),
+            epsilon_reserved=budget.epsilon_reserved(),
+        )
+    # The search admits with the accountant's own curve of the plan; the hold is charged with
+    # the mechanism the run is accounted as (holds.epoch_mechanism). Should their units differ
+    # in the last bit, step σ up until the very hold the service writes is admitted.
+    sigma = charged * sensitivity  # the trainer's σ (noise std / C); exact: a power of two
+    nudge = 1e-7
+    for _ in range(64):
+        if budget.admits(_plan_cost(spec, budget, sigma)):
+            delta = budget.filter.delta
+            return _calibration(q, steps, sensitivity, spec.epochs, None, sigma, delta)
+        sigma *= 1.0 + nudge
+        nudge *= 2.0
+    # Unreachable unless the two curves disagree by far more than rounding: refuse, never guess.
+    raise BudgetExhausted(
+        f"no noise multiplier found with which a plan of {spec.epochs} epochs fits",
+        epsilon_cap=budget.filter.epsilon_cap,
+        epsilon_spent=budget.epsilon_spent(),
+        epsilon_reserved=budget.epsilon_reserved(),
+    )
+
+
+def _plan_cost(spec: RunSpec, budget: Budget, sigma: float) -> Cost:
+    probe = Run(
+        sampling=spec.sampling,
+        sample_rate=spec.sample_rate,
+        steps_per_epoch=spec.steps_per_epoch,
+        noise_multiplier=sigma,
+    )
+    return budget.cost_of(holds.epoch_mechanism(probe)).times(spec.epochs)
 
 
 @lru_cache(maxsize=4096)
@@ -130,6 +185,7 @@ class RunResult:
 
     run: Run
     dataset: DatasetView
+    effect: ledger.Effect | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +197,12 @@ class EpochResult:
     beyond_plan: bool
     ledger_seq: int
     dataset: DatasetView
+    effect: ledger.Effect | None = None
 
 
-def refusal(budget: Budget, dataset: Dataset, cost: list[int], what: str) -> BudgetExhausted:
+def refusal(
+    budget: Budget, dataset: Dataset, cost: Cost, what: str, **extra: float
+) -> BudgetExhausted:
     """A budget refusal with the numbers that explain it."""
     spent, reserved = budget.epsilon_spent(), budget.epsilon_reserved()
     after = budget.epsilon_with(cost)
@@ -155,7 +214,24 @@ def refusal(budget: Budget, dataset: Dataset, cost: list[int], what: str) -> Bud
         epsilon_reserved=reserved,
         epsilon_requested=budget.own_epsilon(cost),
         epsilon_after=after,
+        **extra,
     )
+
+
+def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) -> BudgetExhausted:
+    """A plan's refusal; when more noise would make it fit, it says so and names that σ."""
+    what = f"a plan of {spec.epochs} epochs"
+    q, steps, sensitivity = spec.accounted_shape()
+    total = exact.add(budget.posted, budget.pending)
+    charged = calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
+    if charged is None:
+        return refusal(budget, dataset, cost, what)
+    sigma = charged * sensitivity
+    error = refusal(budget, dataset, cost, what, noise_multiplier_that_fits=sigma)
+    error.detail += (
+        f"; it would fit with noise_multiplier ≥ {sigma:.6g} (or plan with fit_remaining)"
+    )
+    return error
 
 
 def create(
@@ -170,11 +246,13 @@ def create(
 ) -> Outcome | tuple[Body | None, DomainError | None]:
     """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
     principal.require("trainer")
-    calibration = calibrate_plan(spec, _dataset_delta(db, principal, dataset_id))
+    delta = _dataset_delta(db, principal, dataset_id)
+    early = None if spec.fit_remaining else calibrate_plan(spec, delta)
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
         now, budget = holds.begin(session, dataset)
+        calibration = early or fit_plan(spec, budget)
         run = Run(
             id=new_id("run"),
             dataset_id=dataset.id,
@@ -196,19 +274,19 @@ def create(
             created_at=now,
             updated_at=now,
         )
-        epoch_units = budget.units_of(holds.epoch_mechanism(run))
-        run.epoch_units = dumps_units(epoch_units)
-        plan_units = [spec.epochs * unit for unit in epoch_units]
-        if not budget.admits(plan_units):
-            raise refusal(budget, dataset, plan_units, f"a plan of {spec.epochs} epochs")
+        epoch = budget.cost_of(holds.epoch_mechanism(run))
+        run.epoch_units = dumps_units(epoch.units)
+        plan = epoch.times(spec.epochs)
+        if not budget.admits(plan):
+            raise plan_refusal(budget, dataset, spec, plan)
         session.add(run)
         holds.started(dataset, run)
-        budget.hold(plan_units)
+        budget.hold(plan)
         request = ledger.Append(
             "hold",
             principal.actor,
             mechanism=holds.epoch_mechanism(run, spec.epochs),
-            units=plan_units,
+            cost=plan,
             run_id=run.id,
             idempotency_key=idempotency.key if idempotency else None,
             details={
@@ -216,11 +294,12 @@ def create(
                 "steps_per_epoch": spec.steps_per_epoch,
                 "sampling": spec.sampling,
                 "target_epsilon": spec.target_epsilon,
+                **({"fit_remaining": True} if spec.fit_remaining else {}),
                 "name": spec.name,
             },
         )
-        ledger.append(session, dataset, budget, request, now)
-        return 201, render(RunResult(run, view(dataset, budget)))
+        entry = ledger.append(session, dataset, budget, request, now)
+        return 201, render(RunResult(run, view(dataset, budget), ledger.Effect.of(entry)))
 
     return _execute(db, operation, idempotency, dry_run, "plan", dataset_id=dataset_id)
 
@@ -294,27 +373,32 @@ def reserve_epoch(
             raise RunNotActive(f"run {run_id!r} is {run.status}", run_status=run.status)
         if dataset.frozen:
             raise DatasetFrozen(f"dataset {dataset.id!r} is frozen")
-        units = loads_units(run.epoch_units)
+        cost = holds.epoch_cost(run)
         within_plan = run.epochs_charged < run.epochs
-        if not within_plan and not budget.admits(units):
+        if not within_plan and not budget.admits(cost):
             raise refusal(
-                budget, dataset, units, f"epoch {run.epochs_charged + 1} (beyond the plan)"
+                budget, dataset, cost, f"epoch {run.epochs_charged + 1} (beyond the plan)"
             )
-        budget.charge(units, from_hold=within_plan)
+        budget.charge(cost, from_hold=within_plan)
         run.epochs_charged += 1
         holds.renew(dataset, run, now)
         request = ledger.Append(
             "charge",
             principal.actor,
             mechanism=holds.epoch_mechanism(run),
-            units=units,
+            cost=cost,
             run_id=run.id,
             idempotency_key=idempotency.key if idempotency else None,
             details={"epoch": run.epochs_charged, "from_hold": within_plan},
         )
         entry = ledger.append(session, dataset, budget, request, now)
         result = EpochResult(
-            run, run.epochs_charged, not within_plan, entry.seq, view(dataset, budget)
+            run,
+            run.epochs_charged,
+            not within_plan,
+            entry.seq,
+            view(dataset, budget),
+            ledger.Effect.of(entry),
         )
         return 201, render(result)
 
@@ -340,7 +424,7 @@ def finish(
         run = _locked_run(session, run_id)
         if run.status != "active":
             raise RunNotActive(f"run {run_id!r} is already {run.status}", run_status=run.status)
-        holds.release(
+        entry = holds.release(
             session,
             dataset,
             budget,
@@ -350,7 +434,7 @@ def finish(
             now=now,
             idempotency_key=idempotency.key if idempotency else None,
         )
-        return 200, render(RunResult(run, view(dataset, budget)))
+        return 200, render(RunResult(run, view(dataset, budget), ledger.Effect.of(entry)))
 
     return write(db, operation, run_id=run_id, idempotency=idempotency)
 

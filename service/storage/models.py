@@ -99,6 +99,16 @@ class Dataset(Base):
     delta: Mapped[float] = mapped_column(Float)
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     orders: Mapped[str] = mapped_column(Text)  # JSON list of floats: the dataset's order grid
+    # The filter's members, fixed at creation (migration 0004): JSON of the shares of δ.
+    shares: Mapped[str] = mapped_column(Text)
+    # Exact pure-ε sums (accountant.members.PureTotal text) of posted charges and pending
+    # holds; NULL for datasets whose filter has no pure-sum member (created before 0004).
+    pure_posted: Mapped[str | None] = mapped_column(Text)
+    pure_pending: Mapped[str | None] = mapped_column(Text)
+    # From this entry on the figures are outside the filter's guarantee (a refund, a cap
+    # raised after charges); NULL while they are within it.
+    outside_guarantee_seq: Mapped[int | None] = mapped_column(Integer)
+    outside_guarantee_reason: Mapped[str | None] = mapped_column(Text)
     posted_units: Mapped[str] = mapped_column(Text)  # JSON list of ints
     pending_units: Mapped[str] = mapped_column(Text)  # JSON list of ints
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -193,6 +203,11 @@ class LedgerEntry(Base):
     actor_role: Mapped[str | None] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     epsilon: Mapped[float | None] = mapped_column(Float)
+    # Entries written since migration 0004 carry the dataset's figures before them too, and
+    # their pure-ε part (hashed only when present, so older entries' hashes stand).
+    epsilon_spent_before: Mapped[float | None] = mapped_column(Float)
+    epsilon_reserved_before: Mapped[float | None] = mapped_column(Float)
+    pure: Mapped[str | None] = mapped_column(Text)
     epsilon_spent_after: Mapped[float] = mapped_column(Float)
     epsilon_reserved_after: Mapped[float] = mapped_column(Float)
     details: Mapped[str] = mapped_column(Text)  # JSON object

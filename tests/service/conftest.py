@@ -61,8 +61,16 @@ class Api:
         assert response.status_code == 201, response.text
         return str(response.json()["key"])
 
-    def create_dataset(self, dataset_id: str, epsilon_cap: float, delta: float = 1e-5) -> Any:
-        body = {"id": dataset_id, "epsilon_cap": epsilon_cap, "delta": delta}
+    def create_dataset(
+        self,
+        dataset_id: str,
+        epsilon_cap: float,
+        delta: float = 1e-5,
+        shares: dict[str, Any] | None = None,
+    ) -> Any:
+        body: dict[str, Any] = {"id": dataset_id, "epsilon_cap": epsilon_cap, "delta": delta}
+        if shares is not None:
+            body["shares"] = shares
         response = self.post("/v1/datasets", body)
         assert response.status_code == 201, response.text
         return response.json()
@@ -170,7 +178,8 @@ def replay_units(entries: list[dict[str, Any]], size: int) -> tuple[list[int], l
                 pending = exact.subtract(pending, units)
         elif entry["kind"] == "release_hold":
             pending = exact.subtract(pending, units)
-        elif entry["kind"] == "void":
+        elif entry["kind"] == "void" and units is not None:
+            # A refund (or a void from before 0004); a void without units kept the cost.
             posted = exact.subtract(posted, units)
         elif entry["kind"] == "correction":
             posted = exact.add(posted, units)

@@ -205,7 +205,8 @@ def test_refusals_are_not_recorded(api: Api) -> None:
     refused release with the same key is decided afresh each time — refused while the budget
     is held, admitted once a run gives its hold back — and is still charged only once.
     """
-    api.create_dataset("d", 3.0)
+    # Uniform shares: this short plan is off the default profile's shape (docs/accounting.md).
+    api.create_dataset("d", 3.0, shares={"profile": "uniform"})
     trainer = api.as_key(api.new_key("trainer", ["d"]))
     plan = {"sample_rate": 0.01, "steps_per_epoch": 100, "epochs": 3, "target_epsilon": 2.0}
     run = trainer.post("/v1/datasets/d/runs", plan)

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from accountant import exact
-from service.domain.budget import Budget
+from accountant.members import PureTotal
+from service.domain.budget import Budget, Cost
 from service.storage.database import Database
 from service.storage.models import Dataset
 from tests.service.conftest import Api
@@ -149,7 +150,8 @@ def test_cached_curve_drift_is_detected(api: Api, database: Database) -> None:
         row = session.get(Dataset, "d")
         assert row is not None
         budget = Budget.of(row)
-        budget.void(exact.to_units([0.0] * (len(budget.orders) - 1) + [1e-9]))
+        drift = exact.to_units([0.0] * (len(budget.orders) - 1) + [1e-9])
+        budget.refund(Cost(drift, PureTotal()))
         budget.store(row)
     verified = api.get("/v1/datasets/d/ledger/verify").json()
     assert verified["chain_ok"] is True and verified["replay_ok"] is False
@@ -180,16 +182,21 @@ def test_cached_run_count_and_lapse_bound_drift_are_detected(
     assert any(p.startswith(problem) for p in verified["problems"]), verified["problems"]
 
 
-def test_void_compensates_a_charge(api: Api) -> None:
+def test_void_refund_compensates_a_charge(api: Api) -> None:
     _populate(api)
     before = api.get("/v1/datasets/d").json()
-    voided = api.post("/v1/datasets/d/ledger/6/void", {"reason": "release never ran"})
+    body = {"reason": "release never ran", "refund": True}
+    voided = api.post("/v1/datasets/d/ledger/6/void", body)
     assert voided.status_code == 201, voided.text
     entry = voided.json()
     assert entry["kind"] == "void" and entry["voids_seq"] == 6
-    assert entry["details"] == {"reason": "release never ran"}
+    assert entry["details"] == {"reason": "release never ran", "refund": True}
     after = api.get("/v1/datasets/d").json()
     assert after["epsilon_spent"] < before["epsilon_spent"]
+    assert after["outside_guarantee"] == {
+        "since_seq": 7,
+        "reason": "entry 7 refunded the cost of charge 6",
+    }
     # The charge is still in the ledger, unchanged; the chain and the replay still hold.
     assert _entries(api)[5]["kind"] == "charge"
     assert api.get("/v1/datasets/d/ledger/verify").json()["ok"] is True
@@ -236,7 +243,11 @@ def test_cap_changes_and_freeze_are_entries(api: Api) -> None:
     ]
     cap_change = _entries(api, kind="cap_change")[0]
     assert cap_change["details"] == {"old": 1.0, "new": 3.0, "reason": "approved by DPO"}
-    assert api.get("/v1/datasets/d/ledger/verify").json()["ok"] is True
+    # Raised after a charge: not the cap fixed in advance that the filter's theorem needs.
+    mark = {"since_seq": 3, "reason": "entry 3 raised the cap from 1 to 3"}
+    assert lowered["outside_guarantee"] == mark
+    verified = api.get("/v1/datasets/d/ledger/verify").json()
+    assert verified["ok"] is True and verified["outside_guarantee"] == mark
 
 
 def test_dry_runs_change_nothing(api: Api) -> None:

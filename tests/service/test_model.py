@@ -1,7 +1,8 @@
 """Model-based test: random interleavings checked step by step against an in-memory model.
 
-The model is written from the accountant alone (float curves, accountant.Filter):
-it knows nothing of units, SQL or the service's code. Each seeded scenario runs
+The model is written from the accountant alone (float curves, accountant.Filter,
+which is the uniform profile of the member filter) and DESIGN §3's pure-ε sum member
+(exact fractions): it knows nothing of units, SQL or the service's code. Each seeded scenario runs
 plan / epoch / release / complete / abort / lease expiry / cap change steps,
 each sent from one of several threads (own HTTP connections) to a live server
 with two workers, and after every step compares the verdict (admitted or the
@@ -14,6 +15,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -33,6 +35,8 @@ STEPS = 70
 # Near a budget boundary the service (integer units, rounded up) and the model
 # (floats) may legitimately disagree; such steps are not compared strictly.
 BOUNDARY = 1e-9
+# Uniform shares: the model's RDP part is accountant.Filter, the same filter.
+UNIFORM = {"profile": "uniform"}
 
 
 @dataclass
@@ -44,17 +48,37 @@ class ModelRun:
     status: str = "active"
 
 
+def _pure(mechanism: Mechanism) -> tuple[Fraction, int]:
+    """(exact ε, 0) of a pure ε-DP mechanism, (0, 1) for any other: the pure member's part."""
+    if isinstance(mechanism, Laplace):
+        return Fraction(1) / Fraction(mechanism.scale), 0  # Dwork et al. 2006, Δ = 1
+    if isinstance(mechanism, PureDP):
+        return Fraction(repr(mechanism.epsilon)), 0
+    return Fraction(0), 1
+
+
 @dataclass
 class ModelDataset:
     cap: float
     posted: np.ndarray = field(default_factory=lambda: np.zeros(DEFAULT_ORDERS.size))
     pending: np.ndarray = field(default_factory=lambda: np.zeros(DEFAULT_ORDERS.size))
+    # The pure-ε sum member: exact ε sums and counts of non-pure items, posted and pending.
+    pure_posted: tuple[Fraction, int] = (Fraction(0), 0)
+    pure_pending: tuple[Fraction, int] = (Fraction(0), 0)
 
     def filter(self) -> Filter:
         return Filter(self.cap, DELTA)
 
-    def verdict(self, cost: np.ndarray) -> bool | None:
+    def pure_fits(self, pure: tuple[Fraction, int]) -> bool:
+        total = _sum(self.pure_posted, self.pure_pending, pure)
+        return total[1] == 0 and total[0] <= Fraction(repr(self.cap))
+
+    def verdict(
+        self, cost: np.ndarray, pure: tuple[Fraction, int] = (Fraction(0), 1)
+    ) -> bool | None:
         """True/False if clear-cut, None if within BOUNDARY of the filter's edge."""
+        if self.pure_fits(pure):
+            return True
         total = self.posted + self.pending + cost
         margin = np.max(self.filter().budgets() - total)
         if abs(margin) <= BOUNDARY * max(1.0, self.cap):
@@ -73,7 +97,12 @@ class Model:
         remaining = max(0, run.epochs - run.charged)
         dataset = self.datasets[run.dataset]
         dataset.pending = np.maximum(dataset.pending - remaining * run.epoch_curve, 0.0)
+        dataset.pure_pending = _sum(dataset.pure_pending, (Fraction(0), -remaining))
         run.status = status
+
+
+def _sum(*parts: tuple[Fraction, int]) -> tuple[Fraction, int]:
+    return sum((p[0] for p in parts), Fraction(0)), sum(p[1] for p in parts)
 
 
 def _mechanism(rng: random.Random) -> tuple[dict[str, Any], Mechanism]:
@@ -105,12 +134,8 @@ def _scenario(seed: int, base: str, database: Database) -> None:
     try:
         for name in ("a", "b"):
             cap = rng.choice([1.0, 2.0, 4.0])
-            assert (
-                call(
-                    "POST", "/v1/datasets", {"id": name, "epsilon_cap": cap, "delta": DELTA}
-                ).status_code
-                == 201
-            )
+            body = {"id": name, "epsilon_cap": cap, "delta": DELTA, "shares": UNIFORM}
+            assert call("POST", "/v1/datasets", body).status_code == 201
             model.datasets[name] = ModelDataset(cap)
 
         for step in range(STEPS):
@@ -140,6 +165,7 @@ def _scenario(seed: int, base: str, database: Database) -> None:
                     run_id = response.json()["id"]
                     model.runs[run_id] = ModelRun(name, curve, epochs)
                     dataset.pending = dataset.pending + epochs * curve
+                    dataset.pure_pending = _sum(dataset.pure_pending, (Fraction(0), epochs))
 
             elif action == "epoch" and any_run:
                 run_id = rng.choice(any_run)
@@ -156,16 +182,20 @@ def _scenario(seed: int, base: str, database: Database) -> None:
                     assert response.json()["beyond_plan"] is (not within), context
                     if within:
                         owner.pending = np.maximum(owner.pending - run.epoch_curve, 0.0)
+                        owner.pure_pending = _sum(owner.pure_pending, (Fraction(0), -1))
                     owner.posted = owner.posted + run.epoch_curve
+                    owner.pure_posted = _sum(owner.pure_posted, (Fraction(0), 1))
                     run.charged += 1
 
             elif action == "release":
                 body, mechanism = _mechanism(rng)
                 curve = mechanism.rdp()
+                pure = _pure(mechanism)
                 response = call("POST", f"/v1/datasets/{name}/releases", body)
-                _check(dataset.verdict(curve), response, context)
+                _check(dataset.verdict(curve, pure), response, context)
                 if response.status_code == 201:
                     dataset.posted = dataset.posted + curve
+                    dataset.pure_posted = _sum(dataset.pure_posted, pure)
 
             elif action == "finish" and any_run:
                 run_id = rng.choice(any_run)
@@ -226,6 +256,12 @@ def _compare(reported: dict[str, Any], model: ModelDataset, context: str) -> Non
     figure = model.filter()
     spent = figure.epsilon(model.posted)
     reserved = figure.epsilon(model.posted + model.pending)
+    # The reported ε is the minimum over members: the pure sum where every charge is pure.
+    if model.pure_posted[1] == 0:
+        spent = min(spent, float(model.pure_posted[0]))
+    reserved_pure = _sum(model.pure_posted, model.pure_pending)
+    if reserved_pure[1] == 0:
+        reserved = min(reserved, float(reserved_pure[0]))
     assert reported["epsilon_cap"] == model.cap, context
     assert reported["epsilon_spent"] == pytest.approx(spent, rel=1e-9, abs=1e-12), context
     assert reported["epsilon_reserved"] == pytest.approx(reserved, rel=1e-9, abs=1e-12), context

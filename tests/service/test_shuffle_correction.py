@@ -20,10 +20,10 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, MetaData, create_engine, insert, text
 
-from accountant import DEFAULT_ORDERS, calibrate, exact
+from accountant import DEFAULT_ORDERS, Filter, calibrate, exact
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
+from accountant.rdp import to_epsilon
 from service.app import create_app
-from service.domain.budget import Budget, cap_filter
 from service.settings import Settings
 from service.storage import migrate
 from tests.service.conftest import ADMIN_KEY, Api, replay_units
@@ -54,6 +54,27 @@ def _times(count: int, units: list[int]) -> list[int]:
 
 
 @dataclass
+class OldFigures:
+    """The figures the code before migration 0004 wrote: one uniform filter at δ/|Λ|."""
+
+    filter: Filter
+    posted: list[int]
+    pending: list[int]
+
+    def own_epsilon(self, units: list[int]) -> float:
+        return to_epsilon(exact.to_curve(units), DELTA, ORDERS)[0]
+
+    def epsilon_spent(self) -> float:
+        return self.filter.epsilon(exact.to_curve(self.posted))
+
+    def epsilon_reserved(self) -> float:
+        return self.filter.epsilon(exact.to_curve(exact.add(self.posted, self.pending)))
+
+    def units_of(self, mechanism: Mechanism) -> list[int]:
+        return exact.to_units(mechanism.rdp(ORDERS))
+
+
+@dataclass
 class OldLedger:
     """One dataset's rows as the code before migration 0003 wrote them."""
 
@@ -64,8 +85,8 @@ class OldLedger:
     entries: list[dict[str, Any]] = field(default_factory=list)
     last_hash: str = "0" * 64
 
-    def budget(self) -> Budget:
-        return Budget(cap_filter(self.cap, DELTA, ORDERS), ORDERS, self.posted, self.pending)
+    def budget(self) -> OldFigures:
+        return OldFigures(Filter(self.cap, DELTA, ORDERS), self.posted, self.pending)
 
     def append(
         self, kind: str, mechanism: Mechanism | None, units: list[int] | None, **fields: Any

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
 
 from trainer_client import AsyncLedgerClient, LedgerClient
+from trainer_client.models import Dataset, Effect, Epoch
 
 DATASET = "mnist"
 RUN_PATH = re.compile(r"/runs/run_\w+")
@@ -49,9 +51,56 @@ def dataset_body(**changes: Any) -> dict[str, Any]:
         "active_runs": 0,
         "created_at": TIME,
         "updated_at": TIME,
+        "shares": {
+            "profile": "uniform",
+            "orders": [2.0, 8.0],
+            "weights": ["1/2", "1/2"],
+            "pure_sum": True,
+            "plan": None,
+        },
+        "epsilon_decided_by": None,
+        "outside_guarantee": None,
     }
     body.update(changes)
     return body
+
+
+def effect_body(before: float = 0.0, after: float = 0.1) -> dict[str, Any]:
+    """An admission's Effect body."""
+    return {
+        "epsilon": after - before,
+        "epsilon_spent_before": before,
+        "epsilon_spent_after": after,
+        "epsilon_reserved_before": before,
+        "epsilon_reserved_after": after,
+    }
+
+
+def make_epoch(
+    noise_multiplier: float = 1.0,
+    *,
+    index: int = 1,
+    sample_rate: float = 0.1,
+    steps: int = 10,
+    max_grad_norm: float | None = 1.0,
+    sampling: str = "poisson",
+    dataset: dict[str, Any] | None = None,
+) -> Epoch:
+    """An Epoch as the ledger would hand it out, for tests of the helpers that use one."""
+    return Epoch(
+        run_id="run_1",
+        index=index,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=max_grad_norm,
+        sampling=sampling,
+        beyond_plan=False,
+        ledger_seq=3,
+        expires_at=datetime.fromisoformat(TIME),
+        dataset=Dataset.from_json(dataset or dataset_body()),
+        effect=Effect.from_json(effect_body()),
+    )
 
 
 def entry_body(seq: int, kind: str = "charge") -> dict[str, Any]:
@@ -196,6 +245,7 @@ class FakeLedger:
             "ledger_seq": 10 + run.epochs_charged,
             "expires_at": TIME,
             "dataset": dataset_body(epsilon_spent=0.8 * run.epochs_charged),
+            "effect": effect_body(0.8 * (run.epochs_charged - 1), 0.8 * run.epochs_charged),
         }
         return httpx.Response(201, json=body)
 

@@ -16,6 +16,7 @@ from tests.trainer_client.fake_ledger import (
     DATASET,
     FakeLedger,
     dataset_body,
+    effect_body,
     entry_body,
     problem,
 )
@@ -403,6 +404,7 @@ def test_an_admitted_dry_run_returns_the_would_be_release() -> None:
         "noised_values": None,
         "created_at": "2026-11-23T09:30:00Z",
         "dataset": dataset_body(),
+        "effect": effect_body(),
         "dry_run": True,
         "admitted": True,
     }
@@ -428,6 +430,7 @@ def test_noisy_sends_the_values_and_returns_the_noised_ones() -> None:
             "noised_values": [1.5, 0.25],
             "created_at": "2026-11-23T09:30:00Z",
             "dataset": dataset_body(),
+            "effect": effect_body(),
         }
         return httpx.Response(201, json=body)
 

@@ -40,6 +40,8 @@ PROGRAM = textwrap.dedent(
         "epsilon_spent": 0.0, "epsilon_reserved": 0.0, "epsilon_remaining": 1.0,
         "frozen": False, "ledger_seq": 1, "active_runs": 0,
         "created_at": "2026-11-23T09:30:00Z", "updated_at": "2026-11-23T09:30:00Z",
+        "shares": {{"profile": "uniform", "orders": [2.0], "weights": ["1"], "pure_sum": True}},
+        "epsilon_decided_by": None, "outside_guarantee": None,
     }}
 
     def answer(request):

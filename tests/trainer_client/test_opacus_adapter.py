@@ -8,7 +8,6 @@ loader or a step that the ledger did not charge.
 from __future__ import annotations
 
 import warnings
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -21,8 +20,9 @@ from opacus.accountants import RDPAccountant  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from tests.trainer_client.fake_ledger import TIME, dataset_body  # noqa: E402
-from trainer_client.models import Dataset, Epoch  # noqa: E402
+from tests.trainer_client import fake_ledger  # noqa: E402
+from tests.trainer_client.fake_ledger import dataset_body  # noqa: E402
+from trainer_client.models import Epoch  # noqa: E402
 from trainer_client.opacus import OpacusLedgerAdapter, UnchargedStep  # noqa: E402
 from trainer_client.torch import PoissonSampler  # noqa: E402
 
@@ -38,18 +38,15 @@ def epoch_for(
     clip: float = 1.0,
     sampling: str = "poisson",
 ) -> Epoch:
-    return Epoch(
-        run_id="run_1",
+    dataset = dataset_body(epsilon_spent=1.5, epsilon_cap=8.0, delta=1e-5)
+    return fake_ledger.make_epoch(
+        sigma,
         index=index,
-        noise_multiplier=sigma,
         sample_rate=sample_rate,
         steps=steps,
         max_grad_norm=clip,
         sampling=sampling,
-        beyond_plan=False,
-        ledger_seq=3,
-        expires_at=datetime.fromisoformat(TIME),
-        dataset=Dataset.from_json(dataset_body(epsilon_spent=1.5, epsilon_cap=8.0, delta=1e-5)),
+        dataset=dataset,
     )
 
 

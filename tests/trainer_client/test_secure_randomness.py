@@ -13,7 +13,6 @@ import io
 import math
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -26,8 +25,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import trainer_client.torch as helpers  # noqa: E402
-from tests.trainer_client.fake_ledger import dataset_body  # noqa: E402
-from trainer_client.models import Dataset, Epoch  # noqa: E402
+from tests.trainer_client import fake_ledger  # noqa: E402
+from trainer_client.models import Epoch  # noqa: E402
 from trainer_client.torch import (  # noqa: E402
     DPSGDStep,
     InsecureRandomnessWarning,
@@ -44,19 +43,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_dp_sgd.py"
 def make_epoch(
     sigma: float = 1.0, *, sample_rate: float = 0.1, steps: int = 10, index: int = 1
 ) -> Epoch:
-    return Epoch(
-        run_id="run_1",
-        index=index,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=1.0,
-        sampling="poisson",
-        beyond_plan=False,
-        ledger_seq=3,
-        expires_at=datetime(2026, 1, 1, tzinfo=UTC),
-        dataset=Dataset.from_json(dataset_body()),
-    )
+    return fake_ledger.make_epoch(sigma, sample_rate=sample_rate, steps=steps, index=index)
 
 
 class ZeroGradient(nn.Module):

@@ -7,7 +7,6 @@ every run; their bounds are set for false alarms of about one in a million.
 from __future__ import annotations
 
 import math
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,8 +16,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from tests.trainer_client.fake_ledger import TIME, dataset_body  # noqa: E402
-from trainer_client.models import Dataset, Epoch  # noqa: E402
+from tests.trainer_client import fake_ledger  # noqa: E402
+from trainer_client.models import Epoch  # noqa: E402
 from trainer_client.torch import (  # noqa: E402
     CLIP_EPSILON,
     DPSGDStep,
@@ -36,18 +35,8 @@ def make_epoch(
     sample_rate: float = 0.1,
     steps: int = 10,
 ) -> Epoch:
-    return Epoch(
-        run_id="run_1",
-        index=1,
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=max_grad_norm,
-        sampling="poisson",
-        beyond_plan=False,
-        ledger_seq=3,
-        expires_at=datetime.fromisoformat(TIME),
-        dataset=Dataset.from_json(dataset_body()),
+    return fake_ledger.make_epoch(
+        noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate, steps=steps
     )
 
 

@@ -35,8 +35,19 @@ def create_dataset(
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    """Create a dataset with a cap (ε, δ); δ is fixed from then on."""
-    spec = datasets.DatasetSpec(body.id, body.epsilon_cap, body.delta, body.description)
+    """Create a dataset with a cap (ε, δ) and its filter's shares of δ; δ and the shares are
+    fixed from then on."""
+    choice = datasets.SharesChoice()
+    if body.shares is not None:
+        shares = body.shares
+        choice = datasets.SharesChoice(
+            shares.profile,
+            shares.sample_rate,
+            shares.steps,
+            tuple(shares.orders) if shares.orders is not None else None,
+            tuple(shares.weights) if shares.weights is not None else None,
+        )
+    spec = datasets.DatasetSpec(body.id, body.epsilon_cap, body.delta, body.description, choice)
     scope = idempotency(request, principal, idempotency_key, body)
     return respond(datasets.create(db, principal, spec, render.dataset, scope))
 

@@ -41,7 +41,10 @@ CSV_COLUMNS = (
     "voids_seq",
     "mechanism",
     "epsilon",
+    "pure",
+    "epsilon_spent_before",
     "epsilon_spent_after",
+    "epsilon_reserved_before",
     "epsilon_reserved_after",
     "details",
     "idempotency_key",
@@ -136,6 +139,13 @@ def void_charge(
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JSONResponse:
-    """Compensate a charge (admin): a `void` entry with a reason; nothing is edited."""
+    """Void a charge (admin): a `void` entry with a reason; nothing is edited.
+
+    The charge's cost is kept unless `refund` is true; a refund subtracts it and puts the
+    dataset outside the filter's guarantee from then on (`outside_guarantee`).
+    """
     scope = idempotency(request, principal, idempotency_key, body)
-    return respond(datasets.void(db, principal, dataset_id, seq, body.reason, render.entry, scope))
+    outcome = datasets.void(
+        db, principal, dataset_id, seq, body.reason, render.entry, scope, refund=body.refund
+    )
+    return respond(outcome)

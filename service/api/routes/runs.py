@@ -51,7 +51,8 @@ def create_run(
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRun = False,
 ) -> JSONResponse:
-    """Plan a run: the ledger calibrates σ (or takes it) and holds the whole plan."""
+    """Plan a run: the ledger calibrates σ (for target_epsilon, or the smallest that fits what
+    remains with fit_remaining), or takes it, and holds the whole plan."""
     settings: Settings = request.app.state.settings
     spec = runs.RunSpec(
         sample_rate=body.sample_rate,
@@ -63,6 +64,7 @@ def create_run(
         max_grad_norm=body.max_grad_norm,
         name=body.name,
         lease_seconds=body.lease_seconds or settings.default_lease_seconds,
+        fit_remaining=bool(body.fit_remaining),
     )
     outcome = runs.create(
         db,

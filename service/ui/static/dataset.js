@@ -81,9 +81,58 @@ function renderBudget() {
   description.hidden = !dataset.description;
   const badges = [];
   if (dataset.frozen) badges.push(el("span", { class: "badge", text: "frozen" }));
+  const notes = [];
+  if (dataset.outside_guarantee) {
+    // Said first and in words: from this entry on the cap is no longer a proof of privacy.
+    notes.push(
+      el(
+        "p",
+        { class: "outside-guarantee", role: "note" },
+        el("strong", { text: "Outside the filter's guarantee" }),
+        ` since entry #${dataset.outside_guarantee.since_seq}: ` +
+          `${dataset.outside_guarantee.reason}. The figures are still computed the same ` +
+          "way, but they no longer prove that the dataset is (cap, δ)-DP.",
+      ),
+    );
+  }
+  const decided = dataset.epsilon_decided_by;
+  notes.push(
+    el("p", {
+      class: "decided-by",
+      text: decided
+        ? `Why ε spent is ${formatEpsilon(dataset.epsilon_spent)}: ${decided.text}`
+        : "Nothing is spent yet.",
+    }),
+    el("p", { class: "shares muted", text: sharesSummary(dataset.shares) }),
+  );
   document
     .getElementById("budget")
-    .replaceChildren(budgetBar(dataset), budgetNumbers(dataset), ...badges);
+    .replaceChildren(budgetBar(dataset), budgetNumbers(dataset), ...badges, ...notes);
+}
+
+function sharesSummary(shares) {
+  // The heaviest share names the order the profile bet on; the rest is spread thin.
+  let heaviest = 0;
+  shares.weights.forEach((weight, index) => {
+    if (fraction(weight) > fraction(shares.weights[heaviest])) heaviest = index;
+  });
+  const members = shares.pure_sum ? " and the sum of pure ε (share 0)" : "";
+  return (
+    `Filter: ${shares.profile} shares of δ over ${shares.orders.length} Rényi orders, ` +
+    `the largest (${shares.weights[heaviest]}) at α = ${shares.orders[heaviest]}${members}; ` +
+    "fixed when the dataset was created."
+  );
+}
+
+function fraction(text) {
+  const [numerator, denominator = "1"] = String(text).split("/");
+  return Number(numerator) / Number(denominator);
+}
+
+function movement(before, after) {
+  // Entries written since the member filter say where the dataset's ε stood before them.
+  if (before === null || before === undefined) return `after this entry: ${formatEpsilon(after)}`;
+  return `this entry moved it ${formatEpsilon(before)} → ${formatEpsilon(after)}`;
 }
 
 function renderIntegrity(result) {
@@ -109,6 +158,12 @@ function renderIntegrity(result) {
     el("li", { text: `hash chain: ${result.chain_ok ? "intact" : "broken"}` }),
     el("li", {
       text: `replay of the curves: ${result.replay_ok ? "matches the budget" : "differs"}`,
+    }),
+    el("li", {
+      text: result.outside_guarantee
+        ? `filter's guarantee: left at entry #${result.outside_guarantee.since_seq} ` +
+          `(${result.outside_guarantee.reason})`
+        : "filter's guarantee: holds (no refund, no cap raised after a charge)",
     }),
     el("li", {
       class: "hash",
@@ -253,8 +308,16 @@ function renderTable() {
         el("div", { class: "details", text: formatParameters(entry.details) }),
       ),
       el("td", { class: "num", text: formatEpsilon(entry.epsilon) }),
-      el("td", { class: "num", text: formatEpsilon(entry.epsilon_spent_after) }),
-      el("td", { class: "num", text: formatEpsilon(entry.epsilon_reserved_after) }),
+      el("td", {
+        class: "num",
+        title: movement(entry.epsilon_spent_before, entry.epsilon_spent_after),
+        text: formatEpsilon(entry.epsilon_spent_after),
+      }),
+      el("td", {
+        class: "num",
+        title: movement(entry.epsilon_reserved_before, entry.epsilon_reserved_after),
+        text: formatEpsilon(entry.epsilon_reserved_after),
+      }),
     ),
   );
   document.querySelector("#ledger tbody").replaceChildren(...rows);
@@ -391,6 +454,13 @@ function tooltipLines(entry) {
         `ε after: spent ${formatEpsilon(entry.epsilon_spent_after)}, ` +
         `reserved ${formatEpsilon(entry.epsilon_reserved_after)}`,
     }),
+    entry.epsilon_spent_before === null || entry.epsilon_spent_before === undefined
+      ? null
+      : el("span", {
+          text:
+            `moved ε spent ${formatEpsilon(entry.epsilon_spent_before)} → ` +
+            formatEpsilon(entry.epsilon_spent_after),
+        }),
   ];
 }
 

@@ -21,6 +21,9 @@ async function load() {
       { class: "dataset-title" },
       el("a", { href: datasetUrl(dataset.id), text: dataset.id }),
       dataset.frozen ? el("span", { class: "badge", text: "frozen" }) : null,
+      dataset.outside_guarantee
+        ? el("span", { class: "badge badge-warn", text: "outside the filter's guarantee" })
+        : null,
       dataset.epsilon_reserved > dataset.epsilon_cap
         ? el("span", { class: "badge badge-warn", text: "reserved above cap" })
         : null,
