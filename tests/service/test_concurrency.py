@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
-from accountant import Filter, exact
+from accountant import exact
 from accountant.mechanisms import Gaussian, PureDP, SubsampledGaussian
+from accountant.members import MemberFilter, PureTotal, Shares
 from service.storage.database import Database
 from tests.service.conftest import ADMIN_KEY, Api, LiveServer, cached_budget, replay_units
 
@@ -363,9 +364,14 @@ def test_concurrent_traffic_never_overspends(live_server: LiveServer, database: 
         )
     assert pending == expected_pending
 
-    # The reported figures are the filter's ε of those curves, within the cap.
-    cap_filter = Filter(CAP, DELTA, orders)
-    spent = cap_filter.epsilon(exact.to_curve(posted))
-    reserved = cap_filter.epsilon(exact.to_curve(exact.add(posted, pending)))
+    # The reported figures are the member filter's ε of those curves (the dataset's shares as
+    # its first entry recorded them), within the cap. DP-SGD runs are in the history, so the
+    # pure-sum member cannot decide: only the RDP members do.
+    recorded = dict(entries[0]["details"]["shares"])
+    profile = "default" if recorded["profile"] == "dp_sgd" else recorded["profile"]
+    cap_filter = MemberFilter(CAP, DELTA, Shares.from_params({**recorded, "profile": profile}))
+    impure = PureTotal(Fraction(0), 1)
+    spent = cap_filter.epsilon(exact.to_curve(posted), impure)
+    reserved = cap_filter.epsilon(exact.to_curve(exact.add(posted, pending)), impure)
     assert dataset["epsilon_spent"] == spent <= CAP
     assert dataset["epsilon_reserved"] == reserved <= CAP
