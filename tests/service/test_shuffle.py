@@ -41,7 +41,7 @@ def _entries(api: Api, dataset_id: str, **params: object) -> list[dict[str, Any]
 def test_a_shuffle_run_is_held_and_charged_as_one_substitution_per_epoch(
     api: Api, database: Database
 ) -> None:
-    api.create_dataset("d", 50.0, DELTA)
+    api.create_dataset("d", 50.0, DELTA, shares={"profile": "uniform"})  # figures at δ/|Λ|
     created = api.post("/v1/datasets/d/runs", {**PLAN, "epochs": EPOCHS, "noise_multiplier": SIGMA})
     assert created.status_code == 201, created.text
     run = created.json()
@@ -87,7 +87,7 @@ def test_a_shuffle_run_is_held_and_charged_as_one_substitution_per_epoch(
 def test_shuffle_calibration_meets_its_target_tightly_with_the_charged_mechanism(
     api: Api,
 ) -> None:
-    api.create_dataset("d", 50.0, DELTA)
+    api.create_dataset("d", 50.0, DELTA, shares={"profile": "uniform"})  # figures at δ/|Λ|
     target, epochs = 2.0, 5
     created = api.post("/v1/datasets/d/runs", {**PLAN, "epochs": epochs, "target_epsilon": target})
     assert created.status_code == 201, created.text

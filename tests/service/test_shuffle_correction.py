@@ -278,7 +278,8 @@ def _entries(api: Api, dataset_id: str) -> list[dict[str, Any]]:
 
 def _replay_fresh(api: Api, cap: float, first_touch: str) -> dict[str, str]:
     """The same history as dataset "old", run afresh by today's code on a dataset "fresh"."""
-    api.create_dataset("fresh", cap, DELTA)
+    # Uniform shares, the filter the migrated dataset keeps (no pure-sum member can decide here).
+    api.create_dataset("fresh", cap, DELTA, shares={"profile": "uniform"})
     shuffle = {"sample_rate": Q_P, "steps_per_epoch": STEPS_P, "sampling": "shuffle"}
     ids = {}
     for name, sigma, epochs, charged, body in (
