@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -24,7 +25,18 @@ from service.storage.models import ENTRY_KINDS
 # optional field: pydantic then enforced them in an after-validator and published them under its
 # own names, `ge`/`le`, which no client or fuzzer reads.)
 Real = Annotated[float, Strict()]
-Count = Annotated[int, Strict()]
+
+
+def _json_integer(value: Any) -> Any:
+    """Integers must be JSON numbers with no fraction (JSON Schema's `integer`: 3 and 3.0 alike)."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON integer, not a boolean or a string")
+    return value
+
+
+# Not strict: JSON Schema's `integer` admits 3.0, and so does lax int (3.5 it refuses). An optional
+# count takes its bounds before this validator, inside the Annotated, for the reason above.
+Count = Annotated[int, BeforeValidator(_json_integer)]
 # Timestamps stay the exact strings the ledger stores and hashes (RFC 3339, UTC, microseconds, Z):
 # typed as strings so nothing re-serializes them, published as `date-time`.
 Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
@@ -99,7 +111,9 @@ class RunCreate(Request):
     sampling: Sampling = "poisson"
     max_grad_norm: Real | None = Field(None, gt=0, le=1e12)
     name: Name | None = None
-    lease_seconds: Count | None = Field(None, ge=1, le=7 * 24 * 3600)
+    lease_seconds: (
+        Annotated[int, Field(ge=1, le=7 * 24 * 3600), BeforeValidator(_json_integer)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> RunCreate:
@@ -156,7 +170,7 @@ class ReleaseCreate(Request):
     delta: Real | None = Field(None, ge=MIN_PROBABILITY, lt=1)
     noise_scale: Real | None = Field(None, gt=0, le=1e15)
     values: list[Annotated[Real, Field(ge=-1e300, le=1e300)]] | None = Field(
-        None, max_length=100_000
+        None, min_length=1, max_length=100_000
     )
     name: Name | None = None
 
