@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import secret_key
-from service.api import errors
+from service.api import errors, openapi
 from service.api.errors import problem
 from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
 from service.observability import RequestContext, configure_logging
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app.state.fingerprint_key = secret_key.load(settings)
     app.state.db = database or Database(settings.database_url)
     errors.install(app)
+    openapi.install(app)
     for module in (health, datasets, runs, releases, ledger, keys, accountant):
         app.include_router(module.router)
     app.include_router(ui_router)

@@ -183,11 +183,11 @@ def list_ledger(
 
 
 def ledger_csv(dataset_id: str, *, kind: str | None, run_id: str | None) -> Call:
-    """GET /v1/datasets/{id}/ledger?format=csv (every matching entry)."""
+    """GET /v1/datasets/{id}/ledger/csv (every matching entry)."""
     return Call(
         "GET",
-        f"/v1/datasets/{segment(dataset_id)}/ledger",
-        params={"kind": kind, "run_id": run_id, "format": "csv"},
+        f"/v1/datasets/{segment(dataset_id)}/ledger/csv",
+        params={"kind": kind, "run_id": run_id},
         accept="text/csv",
     )
 

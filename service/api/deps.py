@@ -9,6 +9,8 @@ import json
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.params import Depends as DependsParam
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from service.domain import keys
@@ -32,23 +34,44 @@ DatabaseDep = Annotated[Database, Depends(_database)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
+# Published as the `bearer` security scheme. Not `auto_error`: a missing or non-Bearer header is
+# our own 401 problem (with `WWW-Authenticate: Bearer`), like an unknown or revoked key.
+_bearer = HTTPBearer(
+    scheme_name="bearer",
+    description="An API key: `Authorization: Bearer pl_<key id>_<secret>`.",
+    auto_error=False,
+)
+
+
 def _current_key(
     db: DatabaseDep,
     settings: SettingsDep,
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    token = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer":
-            token = value.strip()
+    token = credentials.credentials.strip() if credentials is not None else None
     principal = keys.authenticate(db, token, settings.admin_key)
     request.state.key_id = principal.id
     return principal
 
 
 CurrentKey = Annotated[Principal, Depends(_current_key)]
+
+
+def requires(*roles: str) -> DependsParam:
+    """A route dependency that refuses (403) keys without one of `roles` (admin always passes).
+
+    The domain checks the role again; this only makes the refusal come first: FastAPI solves a
+    route's dependencies before it validates the body, so a trainer's invalid PATCH is told it
+    may not PATCH (403), not how its body is wrong (422).
+    """
+
+    def check(principal: CurrentKey) -> None:
+        principal.require(*roles)
+
+    dependency: DependsParam = Depends(check)
+    return dependency
+
 
 IdempotencyKeyHeader = Annotated[
     str | None,

@@ -30,7 +30,13 @@ _HTTP_CODES = {
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """The problem+json document."""
+    """The problem+json document.
+
+    Every `validation_error` carries `errors` (docs/api.md promises it): a refusal found past
+    request parsing (by the domain, the database, the request guard) has one, the detail.
+    """
+    if code == "validation_error" and "errors" not in extra:
+        extra["errors"] = [{"loc": [], "msg": detail, "type": "value_error"}]
     return {
         "type": PROBLEM_TYPE + code,
         "title": title,

@@ -9,23 +9,42 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 
 from accountant import MIN_PROBABILITY
+from service.storage.models import ENTRY_KINDS
+
+# Numbers must be JSON numbers: lax parsing would read `true` as 1 and "0.5" as 0.5. Strict mode
+# says so on the number schema itself, so a field's bounds land there too and are published as
+# JSON Schema keywords. (A before-validator wrapping the number hid it from the bounds of an
+# optional field: pydantic then enforced them in an after-validator and published them under its
+# own names, `ge`/`le`, which no client or fuzzer reads.)
+Real = Annotated[float, Strict()]
 
 
-def _json_number(value: Any) -> Any:
-    """Numbers must be JSON numbers: lax parsing would read `true` as 1 and "0.5" as 0.5."""
+def _json_integer(value: Any) -> Any:
+    """Integers must be JSON numbers with no fraction (JSON Schema's `integer`: 3 and 3.0 alike)."""
     if isinstance(value, bool | str):
-        raise ValueError("must be a JSON number, not a boolean or a string")
+        raise ValueError("must be a JSON integer, not a boolean or a string")
     return value
 
 
-Real = Annotated[float, BeforeValidator(_json_number)]
-Count = Annotated[int, BeforeValidator(_json_number)]
+# Not strict: JSON Schema's `integer` admits 3.0, and so does lax int (3.5 it refuses). An optional
+# count takes its bounds before this validator, inside the Annotated, for the reason above.
+Count = Annotated[int, BeforeValidator(_json_integer)]
+# Timestamps stay the exact strings the ledger stores and hashes (RFC 3339, UTC, microseconds, Z):
+# typed as strings so nothing re-serializes them, published as `date-time`.
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+Role = Literal["admin", "trainer", "auditor"]
+Sampling = Literal["poisson", "shuffle"]
+RunStatus = Literal["active", "completed", "aborted", "expired"]
+Mechanism = Literal["gaussian", "laplace", "pure_dp"]
+EntryKind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]
 DatasetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # Free text: PostgreSQL cannot store NUL characters, so neither backend accepts them.
 _NO_NUL = r"^[^\x00]*$"
@@ -152,8 +171,8 @@ class DatasetPublic(Public):
     frozen: bool
     ledger_seq: int
     active_runs: int
-    created_at: str
-    updated_at: str
+    created_at: Timestamp
+    updated_at: Timestamp
     shares: SharesPublic
     epsilon_decided_by: DecidedByPublic | None = Field(
         description="Which member gives epsilon_spent now (null while nothing is spent)."
@@ -180,10 +199,12 @@ class RunCreate(Request):
     epochs: Count = Field(ge=1, le=100_000)
     target_epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
     noise_multiplier: Real | None = Field(None, gt=0, le=1e6)
-    sampling: Literal["poisson", "shuffle"] = "poisson"
+    sampling: Sampling = "poisson"
     max_grad_norm: Real | None = Field(None, gt=0, le=1e12)
     name: Name | None = None
-    lease_seconds: Count | None = Field(None, ge=1, le=7 * 24 * 3600)
+    lease_seconds: (
+        Annotated[int, Field(ge=1, le=7 * 24 * 3600), BeforeValidator(_json_integer)] | None
+    ) = None
     fit_remaining: StrictBool | None = Field(
         None,
         description="true: the smallest σ (1e-5 relative) with which the whole plan fits what "
@@ -206,8 +227,8 @@ class RunPublic(Public):
     id: str
     dataset_id: str
     name: str | None
-    status: Literal["active", "completed", "aborted", "expired"]
-    sampling: Literal["poisson", "shuffle"]
+    status: RunStatus
+    sampling: Sampling
     sample_rate: float
     steps_per_epoch: int
     epochs: int
@@ -218,9 +239,9 @@ class RunPublic(Public):
     epsilon: float = Field(description="The plan's own ε at the dataset's δ (not a filter figure).")
     epsilon_per_epoch: float
     lease_seconds: int
-    expires_at: str
-    created_at: str
-    updated_at: str
+    expires_at: Timestamp
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 class RunWithDataset(RunPublic):
@@ -237,22 +258,22 @@ class EpochPublic(Public):
     sample_rate: float
     steps: int
     max_grad_norm: float | None
-    sampling: Literal["poisson", "shuffle"]
+    sampling: Sampling
     beyond_plan: bool
     ledger_seq: int
-    expires_at: str
+    expires_at: Timestamp
     dataset: DatasetPublic
     effect: EffectPublic = Field(description="How far this epoch moved the dataset's ε.")
 
 
 class ReleaseCreate(Request):
-    mechanism: Literal["gaussian", "laplace", "pure_dp"]
+    mechanism: Mechanism
     sensitivity: Real = Field(1.0, gt=0, le=1e12)
     epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
     delta: Real | None = Field(None, ge=MIN_PROBABILITY, lt=1)
     noise_scale: Real | None = Field(None, gt=0, le=1e15)
     values: list[Annotated[Real, Field(ge=-1e300, le=1e300)]] | None = Field(
-        None, max_length=100_000
+        None, min_length=1, max_length=100_000
     )
     name: Name | None = None
 
@@ -299,7 +320,7 @@ class NoisePublic(Public):
 class ReleasePublic(Public):
     id: str
     dataset_id: str
-    mechanism: str
+    mechanism: Mechanism
     sensitivity: float
     noise_scale: float | None
     epsilon: float
@@ -310,7 +331,7 @@ class ReleasePublic(Public):
     noise: NoisePublic | None = Field(
         description="Present when the service added the noise (the request had `values`)."
     )
-    created_at: str
+    created_at: Timestamp
     dataset: DatasetPublic
     effect: EffectPublic = Field(description="How far this release moved the dataset's ε.")
 
@@ -318,7 +339,7 @@ class ReleasePublic(Public):
 class EntryPublic(Public):
     seq: int
     dataset_id: str
-    kind: str
+    kind: EntryKind
     run_id: str | None
     release_id: str | None
     voids_seq: int | None
@@ -351,7 +372,7 @@ class EntryPublic(Public):
     )
     epsilon_reserved_after: float
     details: dict[str, Any]
-    created_at: str
+    created_at: Timestamp
     prev_hash: str
     hash: str
 
@@ -380,7 +401,7 @@ class VerifyPublic(Public):
 
 
 class KeyCreate(Request):
-    role: Literal["admin", "trainer", "auditor"]
+    role: Role
     datasets: list[DatasetId] | None = Field(None, max_length=1000)
     name: Name | None = None
 
@@ -395,11 +416,11 @@ class KeyCreate(Request):
 
 class KeyPublic(Public):
     id: str
-    role: str
+    role: Role
     datasets: list[str] | None
     name: str | None
-    created_at: str
-    revoked_at: str | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
 
 
 class KeyCreated(KeyPublic):
@@ -430,11 +451,65 @@ class NoiseMultiplierPublic(Public):
 
 
 class Problem(Public):
-    type: str
+    """An RFC 9457 problem: every error answer is one, with a stable `code`.
+
+    Extension members (RFC 9457 §3.2) may follow; the codes that always carry some have their
+    own schema below, which clients may try first.
+    """
+
+    type: str = Field(description="`urn:privacy-ledger:problem:` followed by the code.")
     title: str
-    status: int
+    status: int = Field(ge=100, le=599)
     detail: str
-    code: str
+    code: str = Field(description="Stable: clients branch on this, never on `detail`.")
+
+
+class ValidationIssue(Public):
+    """One reason a request is invalid."""
+
+    loc: list[str | int] = Field(description="Where: `body`, `query`, `path` and the field names.")
+    msg: str
+    type: str | None
+
+
+class ValidationProblem(Problem):
+    """422 `validation_error`: the request is invalid, and `errors` says where and why."""
+
+    code: Literal["validation_error"]
+    errors: list[ValidationIssue] = Field(min_length=1)
+
+
+class BudgetExhaustedProblem(Problem):
+    """409 `budget_exhausted`: the cap filter refused; the numbers say why."""
+
+    code: Literal["budget_exhausted"]
+    epsilon_cap: float
+    epsilon_spent: float = Field(description="Filter ε of posted charges when refused.")
+    epsilon_reserved: float = Field(description="Filter ε of charges plus holds when refused.")
+    epsilon_requested: float = Field(description="The request's own ε at the dataset's δ.")
+    epsilon_after: float = Field(description="The filter ε the dataset would have reached.")
+
+
+class RunNotActiveProblem(Problem):
+    """409 `run_not_active`: the run is completed, aborted or expired."""
+
+    code: Literal["run_not_active"]
+    run_status: RunStatus
+
+
+class IdempotencyConflictProblem(Problem):
+    """422 `idempotency_conflict`: the Idempotency-Key was used before for another request."""
+
+    code: Literal["idempotency_conflict"]
+    idempotency_key: str
+
+
+# The problems that carry extension members, by status: a status's answer is one of these or a
+# plain `Problem` (listed last: it matches every problem, so a client tries the others first).
+PROBLEM_SUBTYPES: dict[int, tuple[type[Problem], ...]] = {
+    409: (BudgetExhaustedProblem, RunNotActiveProblem),
+    422: (ValidationProblem, IdempotencyConflictProblem),
+}
 
 
 class DryRunRefused(Public):
@@ -479,6 +554,15 @@ class ReleaseDryRun(ReleasePublic):
 _BODY_STATUSES = (400, 413, 415, 422)
 
 
+def _problem_schema(status: int) -> dict[str, Any]:
+    """The schema of one status's problem answers: a reference to the named component(s)."""
+    refs = [
+        {"$ref": f"#/components/schemas/{m.__name__}"} for m in PROBLEM_SUBTYPES.get(status, ())
+    ]
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    return {"anyOf": [*refs, problem_ref]} if refs else problem_ref
+
+
 def problems(*statuses: int, body: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` documenting problem+json answers for these statuses, and for 503
     (with `body`, for the statuses of a bad JSON body too).
@@ -487,10 +571,30 @@ def problems(*statuses: int, body: bool = False) -> dict[int | str, dict[str, An
     them answers 503 `service_unavailable` while the database is unreachable.
     """
     # Not `{"model": Problem}`: FastAPI would document that under the route's own media type
-    # (application/json), while every error is sent as application/problem+json.
-    content = {"application/problem+json": {"schema": Problem.model_json_schema()}}
+    # (application/json), while every error is sent as application/problem+json. The schemas
+    # are references to named components (the openapi hook in service/api/openapi.py publishes
+    # them), so a generator builds one model per problem, not one per operation and status.
     every = {*statuses, 503, *(_BODY_STATUSES if body else ())}
-    return {status: {"content": content} for status in sorted(every)}
+    return {
+        status: {
+            "description": PROBLEM_DESCRIPTIONS.get(status, "A problem."),
+            "content": {"application/problem+json": {"schema": _problem_schema(status)}},
+        }
+        for status in sorted(every)
+    }
+
+
+PROBLEM_DESCRIPTIONS = {
+    400: "`malformed_request`: the body is not JSON.",
+    401: "`unauthorized`: no key, an unknown key or a revoked key.",
+    403: "`forbidden`: the key's role may not do this.",
+    404: "`not_found`: no such resource, or not in the key's scope.",
+    409: "`budget_exhausted`, `dataset_frozen`, `run_not_active` or `conflict`.",
+    413: "`payload_too_large`.",
+    415: "`unsupported_media_type`: send application/json.",
+    422: "`validation_error` (with `errors`) or `idempotency_conflict`.",
+    503: "`service_unavailable`: the database is unreachable; retry.",
+}
 
 
 class DatasetPage(Public):

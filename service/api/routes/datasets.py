@@ -6,7 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api import render
-from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.deps import (
+    CurrentKey,
+    DatabaseDep,
+    IdempotencyKeyHeader,
+    Limit,
+    idempotency,
+    requires,
+)
 from service.api.responses import respond
 from service.api.schemas import (
     READ_ERRORS,
@@ -27,6 +34,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
     response_model=DatasetPublic,
     operation_id="create_dataset",
     responses=problems(401, 403, 404, 409, body=True),
+    dependencies=[requires("admin")],
 )
 def create_dataset(
     body: DatasetCreate,
@@ -76,6 +84,7 @@ def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Data
     response_model=DatasetPublic,
     operation_id="update_dataset",
     responses=problems(401, 403, 404, 409, body=True),
+    dependencies=[requires("admin")],
 )
 def update_dataset(
     dataset_id: str,

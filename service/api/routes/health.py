@@ -21,6 +21,12 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.head("/livez", operation_id="livez_head", response_class=Response)
+def livez_head() -> Response:
+    """The process is up: `/livez` for probes that send HEAD (200, no body)."""
+    return Response(status_code=200)
+
+
 @router.get("/readyz", operation_id="readyz")
 def readyz(request: Request) -> JSONResponse:
     """The database answers and its schema is at the newest migration."""

@@ -6,7 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api import render
-from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.deps import (
+    CurrentKey,
+    DatabaseDep,
+    IdempotencyKeyHeader,
+    Limit,
+    idempotency,
+    requires,
+)
 from service.api.responses import respond
 from service.api.schemas import READ_ERRORS, KeyCreate, KeyCreated, KeyPage, KeyPublic, problems
 from service.domain import keys
@@ -20,6 +27,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
     response_model=KeyCreated,
     operation_id="create_key",
     responses=problems(401, 403, 404, body=True),
+    dependencies=[requires("admin")],
 )
 def create_key(
     body: KeyCreate,

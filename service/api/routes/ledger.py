@@ -12,7 +12,14 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api import render
-from service.api.deps import CurrentKey, DatabaseDep, IdempotencyKeyHeader, Limit, idempotency
+from service.api.deps import (
+    CurrentKey,
+    DatabaseDep,
+    IdempotencyKeyHeader,
+    Limit,
+    idempotency,
+    requires,
+)
 from service.api.responses import respond
 from service.api.schemas import (
     MAX_SEQ,
@@ -77,11 +84,16 @@ def _json(entries: Iterator[LedgerEntry]) -> Iterator[str]:
     yield '],"has_more":false}'
 
 
+CSV_CONTENT = {
+    "text/csv": {"schema": {"type": "string", "description": "RFC 4180 CSV, a header row."}}
+}
+
+
 @router.get(
     "",
     response_model=EntryPage,
     operation_id="list_ledger",
-    responses={**READ_ERRORS, 200: {"content": {"text/csv": {}}}},
+    responses={**READ_ERRORS, 200: {"content": CSV_CONTENT}},
 )
 def list_ledger(
     dataset_id: str,
@@ -96,21 +108,49 @@ def list_ledger(
 ) -> EntryPage | StreamingResponse:
     """A page of entries in seq order (cursor: `after` = last seq).
 
-    `format=csv` (or `Accept: text/csv`) streams every matching entry as CSV;
+    `format=csv` (or `Accept: text/csv`) streams every matching entry as CSV (a generated
+    client reads that from `export_ledger_csv`, whose only answer is CSV);
     `format=export` streams every matching entry as one JSON document.
     """
     wants_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
-    if wants_csv or format == "export":
+    if wants_csv:
+        return _csv_export(db, principal, dataset_id, kind, run_id)
+    if format == "export":
         entries = datasets.entries_export(db, principal, dataset_id, kind=kind, run_id=run_id)
-        if wants_csv:
-            headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.csv"'}
-            return StreamingResponse(_csv(entries), media_type="text/csv", headers=headers)
         headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.json"'}
         return StreamingResponse(_json(entries), media_type="application/json", headers=headers)
     rows, more = datasets.entries_page(
         db, principal, dataset_id, after=after, limit=limit, kind=kind, run_id=run_id
     )
     return EntryPage.model_validate({"data": [render.entry(r) for r in rows], "has_more": more})
+
+
+def _csv_export(
+    db: DatabaseDep, principal: CurrentKey, dataset_id: str, kind: str | None, run_id: str | None
+) -> StreamingResponse:
+    entries = datasets.entries_export(db, principal, dataset_id, kind=kind, run_id=run_id)
+    headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.csv"'}
+    return StreamingResponse(_csv(entries), media_type="text/csv", headers=headers)
+
+
+@router.get(
+    "/csv",
+    response_class=StreamingResponse,
+    operation_id="export_ledger_csv",
+    responses={
+        **READ_ERRORS,
+        200: {"description": "Every matching entry.", "content": CSV_CONTENT},
+    },
+)
+def export_ledger_csv(
+    dataset_id: str,
+    db: DatabaseDep,
+    principal: CurrentKey,
+    kind: Kind | None = None,
+    run_id: str | None = None,
+) -> StreamingResponse:
+    """Every matching entry as CSV, in seq order (the same as `format=csv` on the ledger)."""
+    return _csv_export(db, principal, dataset_id, kind, run_id)
 
 
 @router.get(
@@ -129,6 +169,7 @@ def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> Ve
     response_model=EntryPublic,
     operation_id="void_charge",
     responses=problems(401, 403, 404, 409, body=True),
+    dependencies=[requires("admin")],
 )
 def void_charge(
     dataset_id: str,

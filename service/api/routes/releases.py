@@ -6,7 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api import render
-from service.api.deps import CurrentKey, DatabaseDep, DryRun, IdempotencyKeyHeader, idempotency
+from service.api.deps import (
+    CurrentKey,
+    DatabaseDep,
+    DryRun,
+    IdempotencyKeyHeader,
+    idempotency,
+    requires,
+)
 from service.api.responses import respond
 from service.api.schemas import RELEASE_DRY_RUN, ReleaseCreate, ReleasePublic, problems
 from service.domain import releases
@@ -20,6 +27,7 @@ router = APIRouter(tags=["releases"])
     response_model=ReleasePublic,
     operation_id="create_release",
     responses={**problems(401, 403, 404, 409, body=True), **RELEASE_DRY_RUN},
+    dependencies=[requires("trainer")],
 )
 def create_release(
     dataset_id: str,

@@ -15,6 +15,7 @@ from service.api.deps import (
     IdempotencyKeyHeader,
     Limit,
     idempotency,
+    requires,
 )
 from service.api.responses import respond
 from service.api.schemas import (
@@ -41,6 +42,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     response_model=RunWithDataset,
     operation_id="create_run",
     responses={**problems(401, 403, 404, 409, body=True), **RUN_DRY_RUN},
+    dependencies=[requires("trainer")],
 )
 def create_run(
     dataset_id: str,
