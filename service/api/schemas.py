@@ -88,7 +88,9 @@ class SharesCreate(Request):
         "your orders and weights.",
     )
     sample_rate: Real | None = Field(None, ge=MIN_PROBABILITY, le=1, description="dp_sgd only.")
-    steps: Count | None = Field(None, ge=1, le=MAX_STEPS, description="dp_sgd only: all steps.")
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS), BeforeValidator(_json_integer)] | None = Field(
+        None, description="dp_sgd only: all steps."
+    )
     orders: list[Real] | None = Field(
         None, min_length=1, max_length=256, description="explicit only: orders α > 1."
     )
