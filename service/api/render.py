@@ -98,6 +98,9 @@ def release(result: ReleaseResult) -> Body:
         "ledger_seq": row.ledger_seq,
         "noised_values": result.noised_values,
         "noise": result.noise,
+        "count": result.count,
+        "noised_batch": result.noised_batch,
+        "labels": result.labels,
         "created_at": iso(row.created_at),
         "dataset": dataset(result.dataset),
     }
