@@ -32,6 +32,7 @@ from trainer_client.errors import (
     Unauthorized,
     ValidationError,
 )
+from trainer_client.inference import PrivateLabeler
 from trainer_client.models import (
     ApiKey,
     Dataset,
@@ -66,6 +67,7 @@ __all__ = [
     "LedgerError",
     "NoiseCalibration",
     "NotFound",
+    "PrivateLabeler",
     "Release",
     "Run",
     "RunNotActive",
