@@ -81,40 +81,43 @@ class Public(BaseModel):
 Weight = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(/[0-9]+|\.[0-9]+)?$")]
 
 
-class SharesCreate(Request):
-    """How δ is shared among the filter's members; fixed at creation, kept by cap changes."""
+class DefaultShares(Request):
+    """9/10 of δ on the order where a Gaussian-shaped history reaching the cap converts best,
+    1/10 spread thin (needs a cap above 0)."""
 
-    profile: Literal["default", "dp_sgd", "uniform", "explicit"] = Field(
-        "default",
-        description="default: 9/10 of δ on the order where a Gaussian-shaped history reaching "
-        "the cap converts best, 1/10 spread thin; dp_sgd: the same, the heavy order placed for "
-        "a planned DP-SGD run (sample_rate, steps); uniform: δ/|Λ| on every order; explicit: "
-        "your orders and weights.",
+    profile: Literal["default"]
+
+
+class UniformShares(Request):
+    """δ/|Λ| on every order (and the pure-ε sum member)."""
+
+    profile: Literal["uniform"]
+
+
+class DpSgdShares(Request):
+    """The default split with its heavy order placed for a planned DP-SGD run."""
+
+    profile: Literal["dp_sgd"]
+    sample_rate: Real = Field(ge=MIN_PROBABILITY, le=1, description="The run's sample rate q.")
+    steps: Count = Field(ge=1, le=MAX_STEPS, description="The run's steps, all epochs.")
+
+
+class ExplicitShares(Request):
+    """Your orders and their shares of δ (the shares sum to at most 1)."""
+
+    profile: Literal["explicit"]
+    orders: list[Annotated[Real, Field(gt=1, le=10_000)]] = Field(
+        min_length=1, max_length=256, description="Distinct orders α > 1."
     )
-    sample_rate: Real | None = Field(None, ge=MIN_PROBABILITY, le=1, description="dp_sgd only.")
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS), BeforeValidator(_json_integer)] | None = Field(
-        None, description="dp_sgd only: all steps."
-    )
-    orders: list[Real] | None = Field(
-        None, min_length=1, max_length=256, description="explicit only: orders α > 1."
-    )
-    weights: list[Weight] | None = Field(
-        None, min_length=1, max_length=256, description="explicit only: shares of δ, sum ≤ 1."
+    weights: list[Weight] = Field(
+        min_length=1, max_length=256, description="One share of δ per order; sum ≤ 1."
     )
 
-    @model_validator(mode="after")
-    def _fields_of_profile(self) -> SharesCreate:
-        plan = self.sample_rate is not None or self.steps is not None
-        explicit = self.orders is not None or self.weights is not None
-        if self.profile == "dp_sgd" and (self.sample_rate is None or self.steps is None):
-            raise ValueError("the dp_sgd profile needs sample_rate and steps")
-        if self.profile != "dp_sgd" and plan:
-            raise ValueError("sample_rate and steps belong to the dp_sgd profile only")
-        if self.profile == "explicit" and (self.orders is None or self.weights is None):
-            raise ValueError("the explicit profile needs orders and weights")
-        if self.profile != "explicit" and explicit:
-            raise ValueError("orders and weights belong to the explicit profile only")
-        return self
+
+# How δ is shared among the filter's members; fixed at creation, kept by cap changes.
+SharesCreate = Annotated[
+    DefaultShares | UniformShares | DpSgdShares | ExplicitShares, Field(discriminator="profile")
+]
 
 
 class DatasetCreate(Request):
@@ -272,8 +275,9 @@ class EpochPublic(Public):
     effect: EffectPublic = Field(description="How far this epoch moved the dataset's ε.")
 
 
-# A vote count: a JSON integer (strict: no booleans, no 1.0, no strings).
-VoteCount = Annotated[int, Field(strict=True, ge=0, le=1_000_000)]
+# A vote count: a JSON integer (3 and 3.0 alike, as JSON Schema's `integer`; no booleans, no
+# strings, no 3.5).
+VoteCount = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_json_integer)]
 # Fields only a noisy_argmax query takes, and those it does not.
 _ARGMAX_ONLY = ("teachers", "votes")
 _NOT_ARGMAX = ("sensitivity", "values", "batch", "count")

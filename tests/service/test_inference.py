@@ -207,7 +207,6 @@ def test_a_batch_that_does_not_fit_is_refused_whole_and_charges_nothing(
 BAD_VOTES: list[tuple[str, dict[str, Any]]] = [
     ("negative_count", _argmax([[3, -1]], noise_scale=1.0)),
     ("float_count", _argmax([[3, 1.5]], noise_scale=1.0)),
-    ("integral_float", _argmax([[3, 1.0]], noise_scale=1.0)),
     ("boolean_count", _argmax([[3, True]], noise_scale=1.0)),
     ("string_count", _argmax([[3, "1"]], noise_scale=1.0)),
     ("ragged", _argmax([[3, 1], [1, 1, 1]], noise_scale=1.0)),
