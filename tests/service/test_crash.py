@@ -434,7 +434,7 @@ def test_kill_9_mid_traffic_loses_and_duplicates_nothing(
     _, url = servers.current()
     with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
         admin = Api(http, ADMIN_KEY)
-        admin.create_dataset(DATASET, CAP, DELTA)
+        admin.create_dataset(DATASET, CAP, DELTA, shares={"profile": "uniform"})  # figures: Filter
         bearer = admin.new_key("trainer", [DATASET])
 
     calls: list[Call] = []
