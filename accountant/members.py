@@ -72,9 +72,20 @@ __all__ = [
 
 # As in accountant.filter: budgets shaded down so rounding never reports above the cap.
 _SAFETY = 1e-9
-# The default profile: this much of δ on the order where a Gaussian-shaped history that
-# reaches the cap converts best; the rest spread evenly over DEFAULT_ORDERS (bench/tightness.py).
+# The plan hint (`default_shares(..., plan=...)`, the service's dp_sgd profile): this much of δ
+# on the plan's own best order; the rest spread evenly over DEFAULT_ORDERS.
 DEFAULT_HEAVY_SHARE = Fraction(9, 10)
+# The default profile (no plan known), chosen by bench/tightness.py's shape sweep and a
+# minimax search (docs/accounting.md §3.1): 4/5 of δ on the Gaussian-shaped history's best
+# order α*; a band below it, where DP-SGD curves that bend (small σ: few steps, small q) convert
+# best, at (α − 1) = (α* − 1)·e^offset; what is left spread thin over DEFAULT_ORDERS. Exact
+# rationals, so the stored weights are reproducible from (cap, δ).
+GAUSSIAN_SHARE = Fraction(17, 20)
+BAND_SHARES: tuple[tuple[float, Fraction], ...] = (
+    (-0.2, Fraction(1, 40)),
+    (-0.45, Fraction(11, 100)),
+)
+THIN_SHARE = 1 - GAUSSIAN_SHARE - sum((w for _, w in BAND_SHARES), Fraction(0))
 
 Profile = Literal["uniform", "default", "explicit"]
 
@@ -212,18 +223,21 @@ def explicit_shares(orders: Orders, weights: Sequence[Fraction | int | str]) -> 
 
 
 def heavy_order(
-    epsilon_cap: float, delta: float, candidates: Orders = SHARE_CANDIDATE_ORDERS
+    epsilon_cap: float,
+    delta: float,
+    candidates: Orders = SHARE_CANDIDATE_ORDERS,
+    share: Fraction = DEFAULT_HEAVY_SHARE,
 ) -> float:
     """The order at which a Gaussian-shaped curve ρ(α) = c·α reaching the cap converts best.
 
     For each α the largest c with c·α + offset(δ_h, α) ≤ cap is (cap − offset)/α
-    (offset: Balle et al. 2020, Prop. 12; δ_h = DEFAULT_HEAVY_SHARE·δ); the history
-    that reaches the cap has the largest such c, at the returned α.
+    (offset: Balle et al. 2020, Prop. 12; δ_h = share·δ); the history that reaches the
+    cap has the largest such c, at the returned α.
     """
     cap = _checks.positive("epsilon_cap", epsilon_cap)
     d = _checks.open_probability("delta", delta)
     grid = _checks.orders(candidates)
-    heavy_delta = float(Fraction(d) * DEFAULT_HEAVY_SHARE)
+    heavy_delta = float(Fraction(d) * share)
     scale = (cap - conversion_offset(heavy_delta, grid)) / grid
     return float(grid[int(np.argmax(scale))])
 
@@ -255,23 +269,37 @@ def plan_order(
 def default_shares(
     epsilon_cap: float, delta: float, plan: tuple[float, int] | None = None
 ) -> Shares:
-    """The default profile: 9/10 of δ on one heavy order, 1/10 spread over DEFAULT_ORDERS.
+    """The default profile: 4/5 of δ on α*, a band below it, the rest thin over DEFAULT_ORDERS.
 
-    The heavy order is `heavy_order(cap, δ)` (Gaussian-shaped histories), or with
-    `plan` = (sample_rate, steps) `plan_order(cap, δ, *plan)`. Grid = DEFAULT_ORDERS ∪
-    {heavy order}. The thin shares keep an order within reach for histories whose curves
-    bend away (Laplace, pure DP, other run shapes); bench/tightness.py measured the split
-    (docs/accounting.md §3).
+    α* = `heavy_order(cap, δ, share=GAUSSIAN_SHARE)`: where a Gaussian-shaped history that
+    reaches the cap converts best. The band (`BAND_SHARES`) sits at α − 1 = (α* − 1)·e^−0.2
+    and (α* − 1)·e^−0.45 (nearest SHARE_CANDIDATE_ORDERS in log(α − 1)): DP-SGD runs of
+    few steps or small σ bend, and the run that reaches the cap converts best down to about
+    (α* − 1)/2 (bench/tightness.py, shape sweep). Orders that coincide merge their shares.
+    Grid = DEFAULT_ORDERS ∪ {α*, band}; Σ w = 1 exactly.
+
+    With `plan` = (sample_rate, steps) (the service's dp_sgd profile, unchanged): 9/10 of δ
+    on `plan_order(cap, δ, *plan)`, 1/10 spread over the other orders of DEFAULT_ORDERS.
     """
-    if plan is None:
-        alpha = heavy_order(epsilon_cap, delta)
-    else:
+    if plan is not None:
         alpha = plan_order(epsilon_cap, delta, *plan)
-    thin = [float(a) for a in DEFAULT_ORDERS if float(a) != alpha]
-    grid = sorted([*thin, alpha])
-    thin_weight = (1 - DEFAULT_HEAVY_SHARE) / len(thin)
-    weights = tuple(DEFAULT_HEAVY_SHARE if a == alpha else thin_weight for a in grid)
-    return Shares("default", tuple(grid), weights)
+        thin = [float(a) for a in DEFAULT_ORDERS if float(a) != alpha]
+        grid = sorted([*thin, alpha])
+        thin_weight = (1 - DEFAULT_HEAVY_SHARE) / len(thin)
+        weights = tuple(DEFAULT_HEAVY_SHARE if a == alpha else thin_weight for a in grid)
+        return Shares("default", tuple(grid), weights)
+    alpha = heavy_order(epsilon_cap, delta, share=GAUSSIAN_SHARE)
+    heavy: dict[float, Fraction] = {alpha: GAUSSIAN_SHARE}
+    candidates = _checks.orders(SHARE_CANDIDATE_ORDERS)
+    log_excess = np.log(candidates - 1.0)
+    for offset, share in BAND_SHARES:
+        target = math.log(alpha - 1.0) + offset
+        order = float(candidates[int(np.argmin(np.abs(log_excess - target)))])
+        heavy[order] = heavy.get(order, Fraction(0)) + share
+    thin = [float(a) for a in DEFAULT_ORDERS if float(a) not in heavy]
+    thin_weight = THIN_SHARE / len(thin)
+    grid = sorted([*thin, *heavy])
+    return Shares("default", tuple(grid), tuple(heavy.get(a, thin_weight) for a in grid))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """How tight is the cap filter? Uniform shares against the default profile, in one run.
 
-    .venv/bin/python -m bench.tightness [--quick] [--prv]
+    .venv/bin/python -m bench.tightness [--quick] [--prv] [--sweep-only]
 
 For each workload and δ it prints one Markdown row: the cap, the same sequence's
 non-adaptive RDP ε at the full δ on dp_accounting's dense default grid (our curves,
@@ -12,6 +12,13 @@ releases; for one run, the σ of a plan that fills the empty cap) against what n
 RDP allows; and whether the goal holds: the default filter admits everything whose
 non-adaptive RDP ε is ≤ cap/1.01 (a filling σ ≤ 1.01 × RDP's), pure-DP sums exactly, and
 never reports below the exact ε where one is known (Gaussian releases: Balle & Wang 2018).
+
+Then the *shape sweep*: DP-SGD plans q ∈ {1e-3, 1e-2, 0.1, 1} × steps ∈ {1, 10, 300, 3000,
+30000} (q = 1: plain Gaussian) and the MNIST/CIFAR runs, caps 0.5/1/3/8, δ 1e-5/1e-7: the σ
+that fills the empty cap over the σ non-adaptive RDP needs at the full δ (dense grid) under
+uniform shares, the previous default (9/10 on one order), the default and the plan hint; and
+the short runs that the previous default refused (q = 0.01, 300 steps, RDP ε 1 on caps 1.5 and
+1.6, ε 2 on a cap of 3): their reported ε under each.
 """
 
 from __future__ import annotations
@@ -23,14 +30,17 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
-from accountant import calibrate, exact, mechanisms
+from accountant import DEFAULT_ORDERS, calibrate, exact, mechanisms, rdp
 from accountant.members import (
     MemberFilter,
     PureTotal,
+    Shares,
     default_shares,
+    heavy_order,
     pure_total,
     uniform_shares,
 )
@@ -276,6 +286,91 @@ def _composed_gaussian_epsilon(sigma: float, delta: float, count: int) -> float:
     return calibrate.gaussian_epsilon(sigma / math.sqrt(count), delta)
 
 
+def previous_default_shares(cap: float, delta: float) -> Shares:
+    """The default before the shape sweep: 9/10 of δ on heavy_order(cap, δ), 1/10 thin."""
+    alpha = heavy_order(cap, delta, share=Fraction(9, 10))
+    thin = [float(a) for a in DEFAULT_ORDERS if float(a) != alpha]
+    grid = sorted([*thin, alpha])
+    weights = tuple(Fraction(9, 10) if a == alpha else Fraction(1, 10) / len(thin) for a in grid)
+    return Shares("default", tuple(grid), weights)
+
+
+SWEEP_SHAPES = [
+    *((q, k) for q in (1e-3, 1e-2, 0.1) for k in (1, 10, 300, 3000, 30000)),
+    (1.0, 1),  # plain Gaussian: every step count is the same shape
+    (MNIST[1], MNIST[2] * MNIST[3]),
+    (CIFAR[1], CIFAR[2] * CIFAR[3]),
+]
+
+
+def sweep_profiles(cap: float, delta: float, plan: tuple[float, int]) -> dict[str, Shares]:
+    """The four filters the sweep compares for one (cap, δ) and plan shape."""
+    return {
+        "uniform": uniform_shares(),
+        "previous": previous_default_shares(cap, delta),
+        "default": default_shares(cap, delta),
+        "hint": default_shares(cap, delta, plan),
+    }
+
+
+def shape_sweep() -> list[str]:
+    """One Markdown row per (δ, cap, shape): fill-σ ratios to non-adaptive RDP's σ."""
+    lines = [
+        "| δ | cap | q | steps | RDP σ (δ, dense) | fill σ / RDP σ: uniform / previous "
+        "/ default / hint | RDP ε ≤ cap/1.01 admitted (default) |",
+        "|" + "---|" * 7,
+    ]
+    worst: dict[str, float] = {}
+    worst_vs_uniform = 0.0
+    for delta in (1e-5, 1e-7):
+        for cap in (0.5, 1.0, 3.0, 8.0):
+            for q, steps in SWEEP_SHAPES:
+                sigma_rdp = calibrate.noise_multiplier(cap, delta, q, steps, DENSE_ORDERS)
+                sigma_goal = calibrate.noise_multiplier(cap / 1.01, delta, q, steps, DENSE_ORDERS)
+                ratios = {}
+                for label, shares in sweep_profiles(cap, delta, (q, steps)).items():
+                    privacy_filter = MemberFilter(cap, delta, shares)
+                    fill = calibrate.fit_remaining(
+                        privacy_filter, [0] * privacy_filter.orders.size, q, steps, 1
+                    )
+                    ratios[label] = fill / sigma_rdp
+                    worst[label] = max(worst.get(label, 0.0), ratios[label])
+                worst_vs_uniform = max(worst_vs_uniform, ratios["default"] / ratios["uniform"])
+                admitted = ratios["default"] * sigma_rdp <= sigma_goal
+                lines.append(
+                    f"| {delta:g} | {cap:g} | {q:.4g} | {steps} | {sigma_rdp:.4f} | "
+                    + " / ".join(f"{ratios[k]:.4f}" for k in ("uniform", "previous", "default"))
+                    + f" / {ratios['hint']:.4f} | {'yes' if admitted else 'no'} |"
+                )
+    lines.append("")
+    lines.append(
+        "worst fill σ / RDP σ: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in worst.items())
+        + f"; default / uniform at most {worst_vs_uniform:.4f}"
+    )
+    lines.append("")
+    lines.append(
+        "| short run (q = 0.01, 300 steps) | δ | cap | reported ε: uniform / previous / default "
+        "/ hint | admitted: uniform / previous / default / hint |"
+    )
+    lines.append("|" + "---|" * 5)
+    for eps, cap in ((1.0, 1.5), (1.0, 1.6), (2.0, 3.0)):
+        delta = 1e-5
+        sigma = calibrate.noise_multiplier(eps, delta, 0.01, 300, DENSE_ORDERS)
+        reported, admitted_by = [], []
+        for shares in sweep_profiles(cap, delta, (0.01, 300)).values():
+            privacy_filter = MemberFilter(cap, delta, shares)
+            units = exact.to_units(rdp.subsampled_gaussian(0.01, sigma, 300, shares.orders))
+            curve, pure = exact.to_curve(units), PureTotal(impure=1)
+            reported.append(f"{privacy_filter.epsilon(curve, pure):.4f}")
+            admitted_by.append("yes" if privacy_filter.admits(curve, pure) else "NO")
+        lines.append(
+            f"| RDP ε {eps:g} (σ {sigma:.4f}) | {delta:g} | {cap:g} | "
+            f"{' / '.join(reported)} | {' / '.join(admitted_by)} |"
+        )
+    return lines
+
+
 def _f(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
@@ -284,8 +379,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run per shape (smoke)")
     parser.add_argument("--prv", action="store_true", help="also Opacus' PRV ε (~7 s a plan)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the shape sweep")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.sweep_only:
+        print("\n".join(shape_sweep()))
+        print(f"\n{time.perf_counter() - started:.0f} s")
+        return
     print(
         "| workload | δ | cap | RDP ε (δ, dense) | PLD ε | Opacus RDP / PRV | ε sum (pure) "
         "| reported at cap: uniform / default | partway (half): uniform / default "
@@ -294,6 +394,8 @@ def main() -> None:
     print("|" + "---|" * 11)
     for work in workloads(args.quick):
         print(measure(work, args.prv), flush=True)
+    print()
+    print("\n".join(shape_sweep()))
     print(f"\n{time.perf_counter() - started:.0f} s")
 
 

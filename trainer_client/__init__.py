@@ -32,6 +32,7 @@ from trainer_client.errors import (
     Unauthorized,
     ValidationError,
 )
+from trainer_client.inference import PrivateLabeler
 from trainer_client.models import (
     ApiKey,
     Dataset,
@@ -73,6 +74,7 @@ __all__ = [
     "NoiseCalibration",
     "NotFound",
     "OutsideGuarantee",
+    "PrivateLabeler",
     "Release",
     "Run",
     "RunNotActive",

@@ -50,6 +50,27 @@ def noised_values(release: Release) -> list[float]:
     return list(release.noised_values)
 
 
+def noised_batch(release: Release) -> list[list[float]]:
+    """The vectors the service noised, from the answer to a release that sent a batch."""
+    if release.noised_batch is None:
+        raise LedgerError(
+            "unexpected response: a batch release came back without noised_batch",
+            code="unexpected_response",
+        )
+    return [list(vector) for vector in release.noised_batch]
+
+
+def labels(release: Release, queries: int) -> list[int]:
+    """The labels of a noisy-argmax answer: one per histogram sent, or a clear error."""
+    if release.labels is None or len(release.labels) != queries:
+        raise LedgerError(
+            f"unexpected response: {queries} noisy_argmax queries came back with labels "
+            f"{release.labels!r}",
+            code="unexpected_response",
+        )
+    return list(release.labels)
+
+
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 
 

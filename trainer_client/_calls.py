@@ -143,8 +143,10 @@ def create_release(
     name: str | None,
     dry_run: bool,
     idempotency_key: str | None,
+    count: int = 1,
+    batch: Sequence[Sequence[float]] | None = None,
 ) -> Call:
-    """POST /v1/datasets/{id}/releases."""
+    """POST /v1/datasets/{id}/releases (one release, `count` of them, or one per `batch` vector)."""
     body = _fields(
         mechanism=mechanism,
         sensitivity=sensitivity,
@@ -152,12 +154,43 @@ def create_release(
         delta=delta,
         noise_scale=noise_scale,
         values=None if values is None else [float(v) for v in values],
+        batch=None if batch is None else [[float(v) for v in vector] for vector in batch],
+        count=None if count == 1 else count,
         name=name,
     )
     return Call(
         "POST",
         f"/v1/datasets/{segment(dataset_id)}/releases",
         params=_dry(dry_run),
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+
+
+def private_argmax(
+    dataset_id: str,
+    votes: Sequence[Sequence[int]],
+    *,
+    teachers: int,
+    epsilon: float | None,
+    delta: float | None,
+    noise_scale: float | None,
+    name: str | None,
+    idempotency_key: str | None,
+) -> Call:
+    """POST /v1/datasets/{id}/releases with ``mechanism: noisy_argmax`` (K vote histograms)."""
+    body = _fields(
+        mechanism="noisy_argmax",
+        teachers=teachers,
+        votes=[[int(count) for count in histogram] for histogram in votes],
+        epsilon=epsilon,
+        delta=delta,
+        noise_scale=noise_scale,
+        name=name,
+    )
+    return Call(
+        "POST",
+        f"/v1/datasets/{segment(dataset_id)}/releases",
         body=body,
         idempotency_key=idempotency_key,
     )

@@ -22,6 +22,8 @@ from trainer_client._base import (
     ClientBase,
     RunBase,
     default_headers,
+    labels,
+    noised_batch,
     noised_values,
     resolve_api_key,
 )
@@ -263,6 +265,7 @@ class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
         delta: float | None = None,
         noise_scale: float | None = None,
         name: str | None = None,
+        count: int = 1,
         dry_run: bool = False,
         idempotency_key: str | None = None,
     ) -> Release:
@@ -278,6 +281,7 @@ class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
             name=name,
             dry_run=dry_run,
             idempotency_key=idempotency_key,
+            count=count,
         )
         return Release.from_json(await self._json(call))
 
@@ -307,6 +311,59 @@ class AsyncLedgerClient(ClientBase[httpx.AsyncClient]):
             idempotency_key=idempotency_key,
         )
         return noised_values(Release.from_json(await self._json(call)))
+
+    async def noisy_batch(
+        self,
+        dataset_id: str,
+        batch: Sequence[Sequence[float]],
+        *,
+        mechanism: str,
+        sensitivity: float,
+        epsilon: float,
+        delta: float | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[list[float]]:
+        """Charge and noise one release per vector (see `LedgerClient.noisy_batch`)."""
+        call = _calls.create_release(
+            dataset_id,
+            mechanism=mechanism,
+            sensitivity=sensitivity,
+            epsilon=epsilon,
+            delta=delta,
+            noise_scale=None,
+            values=None,
+            name=name,
+            dry_run=False,
+            idempotency_key=idempotency_key,
+            batch=batch,
+        )
+        return noised_batch(Release.from_json(await self._json(call)))
+
+    async def private_argmax(
+        self,
+        dataset_id: str,
+        votes: Sequence[Sequence[int]],
+        *,
+        teachers: int,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        noise_scale: float | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[int]:
+        """The noisy argmax label of each vote histogram (see `LedgerClient.private_argmax`)."""
+        call = _calls.private_argmax(
+            dataset_id,
+            votes,
+            teachers=teachers,
+            epsilon=epsilon,
+            delta=delta,
+            noise_scale=noise_scale,
+            name=name,
+            idempotency_key=idempotency_key,
+        )
+        return labels(Release.from_json(await self._json(call)), len(votes))
 
     # Ledger -------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from trainer_client._base import (
     ClientBase,
     RunBase,
     default_headers,
+    labels,
+    noised_batch,
     noised_values,
     resolve_api_key,
 )
@@ -271,6 +273,7 @@ class LedgerClient(ClientBase[httpx.Client]):
         delta: float | None = None,
         noise_scale: float | None = None,
         name: str | None = None,
+        count: int = 1,
         dry_run: bool = False,
         idempotency_key: str | None = None,
     ) -> Release:
@@ -278,9 +281,10 @@ class LedgerClient(ClientBase[httpx.Client]):
 
         `mechanism` is ``"gaussian"``, ``"laplace"`` or ``"pure_dp"``; give
         exactly one of `epsilon` (Gaussian also needs `delta`) or
-        `noise_scale`. With ``dry_run=True`` nothing is charged: you get the
-        release that would be made (``id`` None) or the exception the real call
-        would raise.
+        `noise_scale`. With `count` K, one charge covers K such releases (one
+        ledger entry, exactly K times the cost of one; all or nothing). With
+        ``dry_run=True`` nothing is charged: you get the release that would be
+        made (``id`` None) or the exception the real call would raise.
         """
         call = _calls.create_release(
             dataset_id,
@@ -293,6 +297,7 @@ class LedgerClient(ClientBase[httpx.Client]):
             name=name,
             dry_run=dry_run,
             idempotency_key=idempotency_key,
+            count=count,
         )
         return Release.from_json(self._json(call))
 
@@ -326,6 +331,69 @@ class LedgerClient(ClientBase[httpx.Client]):
             idempotency_key=idempotency_key,
         )
         return noised_values(Release.from_json(self._json(call)))
+
+    def noisy_batch(
+        self,
+        dataset_id: str,
+        batch: Sequence[Sequence[float]],
+        *,
+        mechanism: str,
+        sensitivity: float,
+        epsilon: float,
+        delta: float | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[list[float]]:
+        """Charge one release per vector of `batch` (one ledger entry, K times one release's cost)
+        and have the service noise each; the noised vectors, in order."""
+        call = _calls.create_release(
+            dataset_id,
+            mechanism=mechanism,
+            sensitivity=sensitivity,
+            epsilon=epsilon,
+            delta=delta,
+            noise_scale=None,
+            values=None,
+            name=name,
+            dry_run=False,
+            idempotency_key=idempotency_key,
+            batch=batch,
+        )
+        return noised_batch(Release.from_json(self._json(call)))
+
+    def private_argmax(
+        self,
+        dataset_id: str,
+        votes: Sequence[Sequence[int]],
+        *,
+        teachers: int,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        noise_scale: float | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[int]:
+        """Private prediction (GNMax): the noisy argmax label of each vote histogram.
+
+        ``votes[k][c]`` is how many of the `teachers` (each trained on its own
+        disjoint part of the dataset) predict class ``c`` for query ``k``. The
+        service adds exact discrete Gaussian noise to every count — std
+        `noise_scale`, or calibrated to (`epsilon`, `delta`) per query — and
+        answers only the labels (ties to the smallest). The K queries are one
+        admission and one ledger entry costing exactly K single queries; if they
+        do not fit, none is answered (``BudgetExhausted``).
+        """
+        call = _calls.private_argmax(
+            dataset_id,
+            votes,
+            teachers=teachers,
+            epsilon=epsilon,
+            delta=delta,
+            noise_scale=noise_scale,
+            name=name,
+            idempotency_key=idempotency_key,
+        )
+        return labels(Release.from_json(self._json(call)), len(votes))
 
     # Ledger -------------------------------------------------------------------------------
 

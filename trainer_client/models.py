@@ -457,6 +457,9 @@ class Release(_DryRunFields):
     created_at: datetime
     dataset: Dataset
     effect: Effect
+    count: int = 1
+    noised_batch: tuple[tuple[float, ...], ...] | None = None
+    labels: tuple[int, ...] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -464,6 +467,9 @@ class Release(_DryRunFields):
         """Read a Release body."""
         b = _Body(obj, "Release")
         values = b.opt_list("noised_values")
+        batch = b.opt_list("noised_batch")
+        labels = b.opt_list("labels")
+        count = b.opt_integer("count")
         return cls(
             id=b.opt_text("id"),
             dataset_id=b.text("dataset_id"),
@@ -478,6 +484,10 @@ class Release(_DryRunFields):
             created_at=b.time("created_at"),
             dataset=Dataset.from_json(b.mapping("dataset")),
             effect=Effect.from_json(b.mapping("effect")),
+            # Answers stored before batches existed carry no count: they were one release.
+            count=1 if count is None else count,
+            noised_batch=None if batch is None else _vectors(batch, "noised_batch"),
+            labels=None if labels is None else tuple(_integers(labels, "labels")),
             raw=b.obj,
             **_dry_run_fields(b),
         )
@@ -490,6 +500,21 @@ def _floats(values: list[Any], what: str) -> list[float]:
             raise _unexpected(f"{what}: {value!r} is not a number")
         out.append(float(value))
     return out
+
+
+def _vectors(values: list[Any], what: str) -> tuple[tuple[float, ...], ...]:
+    out = []
+    for vector in values:
+        if not isinstance(vector, list):
+            raise _unexpected(f"{what}: {vector!r} is not a list")
+        out.append(tuple(_floats(vector, what)))
+    return tuple(out)
+
+
+def _integers(values: list[Any], what: str) -> list[int]:
+    if any(isinstance(value, bool) or not isinstance(value, int) for value in values):
+        raise _unexpected(f"{what}: not a list of integers: {values!r}")
+    return list(values)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-tim
 Role = Literal["admin", "trainer", "auditor"]
 Sampling = Literal["poisson", "shuffle"]
 RunStatus = Literal["active", "completed", "aborted", "expired"]
-Mechanism = Literal["gaussian", "laplace", "pure_dp"]
+Mechanism = Literal["gaussian", "laplace", "pure_dp", "noisy_argmax"]
 EntryKind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]
 DatasetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # Free text: PostgreSQL cannot store NUL characters, so neither backend accepts them.
@@ -59,6 +59,10 @@ MAX_STEPS = 10**9
 # Ledger seqs are 32-bit integer columns: a larger one cannot exist (PostgreSQL refuses to compare
 # against it, SQLite overflows on it), so it is refused like any other invalid number.
 MAX_SEQ = 2**31 - 1
+# A batch: at most this many releases (or noisy_argmax histograms) in one request, and at
+# most this many numbers in all (as one release's values).
+MAX_BATCH = 10_000
+MAX_NUMBERS = 100_000
 
 
 class Request(BaseModel):
@@ -77,40 +81,43 @@ class Public(BaseModel):
 Weight = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(/[0-9]+|\.[0-9]+)?$")]
 
 
-class SharesCreate(Request):
-    """How δ is shared among the filter's members; fixed at creation, kept by cap changes."""
+class DefaultShares(Request):
+    """9/10 of δ on the order where a Gaussian-shaped history reaching the cap converts best,
+    1/10 spread thin (needs a cap above 0)."""
 
-    profile: Literal["default", "dp_sgd", "uniform", "explicit"] = Field(
-        "default",
-        description="default: 9/10 of δ on the order where a Gaussian-shaped history reaching "
-        "the cap converts best, 1/10 spread thin; dp_sgd: the same, the heavy order placed for "
-        "a planned DP-SGD run (sample_rate, steps); uniform: δ/|Λ| on every order; explicit: "
-        "your orders and weights.",
+    profile: Literal["default"]
+
+
+class UniformShares(Request):
+    """δ/|Λ| on every order (and the pure-ε sum member)."""
+
+    profile: Literal["uniform"]
+
+
+class DpSgdShares(Request):
+    """The default split with its heavy order placed for a planned DP-SGD run."""
+
+    profile: Literal["dp_sgd"]
+    sample_rate: Real = Field(ge=MIN_PROBABILITY, le=1, description="The run's sample rate q.")
+    steps: Count = Field(ge=1, le=MAX_STEPS, description="The run's steps, all epochs.")
+
+
+class ExplicitShares(Request):
+    """Your orders and their shares of δ (the shares sum to at most 1)."""
+
+    profile: Literal["explicit"]
+    orders: list[Annotated[Real, Field(gt=1, le=10_000)]] = Field(
+        min_length=1, max_length=256, description="Distinct orders α > 1."
     )
-    sample_rate: Real | None = Field(None, ge=MIN_PROBABILITY, le=1, description="dp_sgd only.")
-    steps: Annotated[int, Field(ge=1, le=MAX_STEPS), BeforeValidator(_json_integer)] | None = Field(
-        None, description="dp_sgd only: all steps."
-    )
-    orders: list[Real] | None = Field(
-        None, min_length=1, max_length=256, description="explicit only: orders α > 1."
-    )
-    weights: list[Weight] | None = Field(
-        None, min_length=1, max_length=256, description="explicit only: shares of δ, sum ≤ 1."
+    weights: list[Weight] = Field(
+        min_length=1, max_length=256, description="One share of δ per order; sum ≤ 1."
     )
 
-    @model_validator(mode="after")
-    def _fields_of_profile(self) -> SharesCreate:
-        plan = self.sample_rate is not None or self.steps is not None
-        explicit = self.orders is not None or self.weights is not None
-        if self.profile == "dp_sgd" and (self.sample_rate is None or self.steps is None):
-            raise ValueError("the dp_sgd profile needs sample_rate and steps")
-        if self.profile != "dp_sgd" and plan:
-            raise ValueError("sample_rate and steps belong to the dp_sgd profile only")
-        if self.profile == "explicit" and (self.orders is None or self.weights is None):
-            raise ValueError("the explicit profile needs orders and weights")
-        if self.profile != "explicit" and explicit:
-            raise ValueError("orders and weights belong to the explicit profile only")
-        return self
+
+# How δ is shared among the filter's members; fixed at creation, kept by cap changes.
+SharesCreate = Annotated[
+    DefaultShares | UniformShares | DpSgdShares | ExplicitShares, Field(discriminator="profile")
+]
 
 
 class DatasetCreate(Request):
@@ -283,19 +290,65 @@ class EpochPublic(Public):
     effect: EffectPublic = Field(description="How far this epoch moved the dataset's ε.")
 
 
+# A vote count: a JSON integer (3 and 3.0 alike, as JSON Schema's `integer`; no booleans, no
+# strings, no 3.5).
+VoteCount = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_json_integer)]
+# Fields only a noisy_argmax query takes, and those it does not.
+_ARGMAX_ONLY = ("teachers", "votes")
+_NOT_ARGMAX = ("sensitivity", "values", "batch", "count")
+
+
 class ReleaseCreate(Request):
-    mechanism: Mechanism
+    mechanism: Mechanism = Field(
+        description="`noisy_argmax`: K private predictions (GNMax) from `teachers` and "
+        "`votes`, answered as `labels` only; the others: a noisy release of numbers."
+    )
     sensitivity: Real = Field(1.0, gt=0, le=1e12)
     epsilon: Real | None = Field(None, gt=0, le=MAX_EPSILON)
     delta: Real | None = Field(None, ge=MIN_PROBABILITY, lt=1)
     noise_scale: Real | None = Field(None, gt=0, le=1e15)
     values: list[Annotated[Real, Field(ge=-1e300, le=1e300)]] | None = Field(
-        None, min_length=1, max_length=100_000
+        None, min_length=1, max_length=MAX_NUMBERS
+    )
+    count: Count = Field(
+        1,
+        ge=1,
+        le=MAX_BATCH,
+        description="K identical releases whose noise you add: one admission, one ledger "
+        "entry, exactly K times one release's cost (all or nothing).",
+    )
+    batch: list[list[Annotated[Real, Field(ge=-1e300, le=1e300)]]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="K value vectors of one length, each noised as its own release (instead "
+        "of `values`): one admission, one ledger entry, K times one release's cost.",
+    )
+    teachers: Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_json_integer)] | None = (
+        Field(
+            None,
+            description="noisy_argmax: N, the teachers, each trained on its own disjoint part "
+            "of the dataset; each histogram's votes sum to at most N.",
+        )
+    )
+    votes: list[Annotated[list[VoteCount], Field(min_length=2, max_length=1_000)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="noisy_argmax: K histograms of one length C (2 to 1,000 classes, "
+        "100,000 counts in all); votes[k][c] is how many teachers gave query k label c. "
+        "With `epsilon` (and `delta`) per query, or `noise_scale`: the std of the noise "
+        "on each count.",
     )
     name: Name | None = None
 
     @model_validator(mode="after")
-    def _bounded_epsilon(self) -> ReleaseCreate:
+    def _consistent(self) -> ReleaseCreate:
+        if self.mechanism == "noisy_argmax":
+            return self._argmax()
+        given = [field for field in _ARGMAX_ONLY if getattr(self, field) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for a noisy_argmax query")
         # A Laplace release's ε is sensitivity / noise_scale: held to the bound a given ε has
         # (far past it the quotient overflows to inf, which no answer can carry).
         scale = self.noise_scale
@@ -307,6 +360,38 @@ class ReleaseCreate(Request):
             raise ValueError(
                 f"a Laplace release's ε (sensitivity / noise_scale) must be at most {MAX_EPSILON:g}"
             )
+        if self.batch is not None:
+            if self.values is not None:
+                raise ValueError("give values (one release) or batch (several), not both")
+            lengths = {len(vector) for vector in self.batch}
+            if len(lengths) > 1 or 0 in lengths:
+                raise ValueError("the vectors of a batch must all hold the same number (≥ 1)")
+            if len(self.batch) * lengths.pop() > MAX_NUMBERS:
+                raise ValueError(f"a batch may hold at most {MAX_NUMBERS:,} values in all")
+        if self.count != 1 and (self.values is not None or self.batch is not None):
+            raise ValueError("count is for releases whose noise you add; with values use batch")
+        return self
+
+    def _argmax(self) -> ReleaseCreate:
+        misplaced = [field for field in _NOT_ARGMAX if field in self.model_fields_set]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: not for a noisy_argmax query")
+        if self.teachers is None or self.votes is None:
+            raise ValueError("a noisy_argmax query needs teachers and votes")
+        if (self.epsilon is None) == (self.noise_scale is None):
+            raise ValueError("give exactly one of epsilon and noise_scale")
+        if self.epsilon is not None and self.delta is None:
+            raise ValueError("a noisy_argmax query with epsilon needs delta")
+        if self.noise_scale is not None and not 0.1 <= self.noise_scale <= 1e6:
+            raise ValueError(
+                "a noisy_argmax noise_scale must be from 0.1 to 1e6 (below 0.1 the noise on "
+                "integer counts is almost surely 0)"
+            )
+        classes = len(self.votes[0])
+        if any(len(histogram) != classes for histogram in self.votes):
+            raise ValueError("every histogram of votes must have the same number of classes")
+        if len(self.votes) * classes > MAX_NUMBERS:
+            raise ValueError(f"votes may hold at most {MAX_NUMBERS:,} counts in all")
         return self
 
 
@@ -346,7 +431,17 @@ class ReleasePublic(Public):
     ledger_seq: int
     noised_values: list[float] | None
     noise: NoisePublic | None = Field(
-        description="Present when the service added the noise (the request had `values`)."
+        description="Present when the service added the noise (the request had `values`, "
+        "`batch` or `votes`): how it was drawn, never the draws."
+    )
+    count: int = Field(1, description="K: the releases (or queries) this one entry charged.")
+    noised_batch: list[list[float]] | None = Field(
+        None, description="With `batch`: each vector, noised."
+    )
+    labels: list[int] | None = Field(
+        None,
+        description="noisy_argmax: the winning label of each histogram (ties to the smallest "
+        "label). The only output: the counts and the noise are never answered nor stored.",
     )
     created_at: Timestamp
     dataset: DatasetPublic
@@ -562,6 +657,8 @@ class ReleaseDryRun(ReleasePublic):
     id: None  # type: ignore[assignment]
     ledger_seq: None  # type: ignore[assignment]
     noised_values: None
+    noised_batch: None = None
+    labels: None = None
     dry_run: Literal[True]
     admitted: Literal[True]
 

@@ -8,12 +8,17 @@ discrete Gaussian noise (charged as a Gaussian of the rounded values'
 sensitivity), drawn from the OS's CSPRNG. The noise is drawn before the
 dataset is locked (a large release costs no lock time); a refused or replayed
 request simply never shows it.
+
+A request may carry K identical releases (`count`, or one value vector each in
+`batch`): one admission and one ledger entry whose cost is exactly K times one
+release's (docs/accounting.md §11); `charge` is the one place every release,
+noisy argmax included, is admitted and written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
@@ -23,6 +28,7 @@ from sqlalchemy.orm import Session
 from accountant import calibrate
 from accountant.mechanisms import Gaussian, Laplace, Mechanism, PureDP
 from service.domain import holds, ledger, noise
+from service.domain.budget import Budget, Cost
 from service.domain.datasets import DatasetView, view
 from service.domain.errors import DomainError, InvalidRequest
 from service.domain.keys import Principal
@@ -43,6 +49,22 @@ class ReleaseSpec:
     noise_scale: float | None
     values: list[float] | None
     name: str | None
+    # A batch of K identical releases (one admission, one entry, K times the cost): `count`
+    # where the caller adds the noise, or one value vector per release in `batch`.
+    count: int = 1
+    batch: list[list[float]] | None = None
+
+    @property
+    def releases(self) -> int:
+        """K: how many releases the request charges."""
+        return len(self.batch) if self.batch is not None else self.count
+
+    @property
+    def size(self) -> int | None:
+        """How many values each release carries (None when the caller adds the noise)."""
+        if self.batch is not None:
+            return len(self.batch[0]) if self.batch else 0
+        return len(self.values) if self.values is not None else None
 
 
 @dataclass(frozen=True)
@@ -68,19 +90,49 @@ class ReleaseResult:
     dataset: DatasetView
     noise: dict[str, Any] | None = None
     effect: ledger.Effect | None = None
+    count: int = 1
+    noised_batch: list[list[float]] | None = None
+    labels: list[int] | None = None
 
 
 def calibrate_release(spec: ReleaseSpec, dataset_delta: float) -> Calibrated:
-    """Noise for the release and the mechanism charged for it; InvalidRequest if inconsistent."""
+    """Noise for one release of the request and the mechanism charged for one; InvalidRequest
+    if inconsistent."""
+    if spec.values is not None and spec.batch is not None:
+        raise InvalidRequest("give values (one release) or batch (several), not both")
+    if spec.count != 1 and (spec.values is not None or spec.batch is not None):
+        raise InvalidRequest(
+            "count is for releases whose noise you add; with values, send one vector per "
+            "release in batch"
+        )
+    if spec.batch is not None and len({len(vector) for vector in spec.batch}) > 1:
+        raise InvalidRequest("every vector of a batch must hold the same number of values")
     return _calibrated(
         spec.mechanism,
         spec.sensitivity,
         spec.epsilon,
         spec.delta,
         spec.noise_scale,
-        len(spec.values) if spec.values is not None else None,
+        spec.size,
         dataset_delta,
     )
+
+
+def batched(mechanism: Mechanism, count: int) -> Mechanism:
+    """`count` compositions of one release's mechanism: the same value with steps × count."""
+    if count == 1:
+        return mechanism
+    return replace(mechanism, steps=mechanism.steps * count)
+
+
+def batch_cost(budget: Budget, mechanism: Mechanism, count: int) -> Cost:
+    """The cost of `count` releases of `mechanism`: exactly `count` times one release's cost.
+
+    Composition adds RDP curves (Mironov 2017, Prop. 1), and each single curve is already
+    rounded up to whole units, so a batch costs, to the unit, what its releases one by one do;
+    its pure-ε part is `count` times one release's, exactly.
+    """
+    return budget.cost_of(mechanism).times(count)
 
 
 def declared_epsilon(epsilon: float) -> Fraction:
@@ -177,14 +229,14 @@ def _noise_plan(
 def noise_plan(spec: ReleaseSpec) -> noise.NoisePlan:
     """How the service will noise a release's values (the request alone decides it)."""
     calibrate_release(spec, 0.5)  # every consistency check a real call makes
-    assert spec.values is not None
+    assert spec.size is not None
     return _noise_plan(
         spec.mechanism,
         spec.sensitivity,
         spec.epsilon,
         spec.delta,
         spec.noise_scale,
-        len(spec.values),
+        spec.size,
     )[0]
 
 
@@ -245,65 +297,111 @@ def create(
     idempotency: Idempotency | None = None,
     dry_run: bool = False,
 ) -> Outcome | tuple[Body | None, DomainError | None]:
-    """Charge one release if the filter admits it; add the noise when values are given."""
+    """Charge one release, or a batch of K, if the filter admits it; add the noise when values
+    are given."""
     principal.require("trainer")
     principal.require_dataset(dataset_id)
     noised: list[float] | None = None
-    if spec.values is not None and not dry_run:
+    noised_batch: list[list[float]] | None = None
+    if not dry_run and (spec.values is not None or spec.batch is not None):
         # The grid and the noise depend on the request alone (never on the dataset's δ), so the
         # values are noised before the dataset is locked; a refusal discards them unseen.
-        noised = noise_plan(spec).noised(spec.values)
+        plan = noise_plan(spec)
+        if spec.values is not None:
+            noised = plan.noised(spec.values)
+        else:
+            assert spec.batch is not None
+            noised_batch = [plan.noised(vector) for vector in spec.batch]
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
         calibrated = calibrate_release(spec, dataset.delta)
-        now, budget = holds.begin(session, dataset)
-        cost = budget.cost_of(calibrated.mechanism)
-        if not budget.admits(cost):
-            raise refusal(budget, dataset, cost, f"a {spec.mechanism} release")
-        budget.charge(cost, from_hold=False)
-        release = Release(
-            id=new_id("rel"),
-            dataset_id=dataset.id,
-            mechanism=spec.mechanism,
-            sensitivity=spec.sensitivity,
-            noise_scale=calibrated.noise_scale,
-            epsilon=calibrated.epsilon,
-            delta=calibrated.delta,
-            name=spec.name,
-            ledger_seq=dataset.last_seq + 1,
-            created_by=principal.id,
-            created_at=now,
-        )
-        session.add(release)
-        request = ledger.Append(
-            "charge",
-            principal.actor,
+        release, dataset_view, effect = charge(
+            session,
+            dataset,
+            principal,
             mechanism=calibrated.mechanism,
-            cost=cost,
-            release_id=release.id,
-            idempotency_key=idempotency.key if idempotency else None,
+            count=spec.releases,
+            what=f"a {spec.mechanism} release"
+            if spec.releases == 1
+            else (f"a batch of {spec.releases} {spec.mechanism} releases"),
+            row={
+                "mechanism": spec.mechanism,
+                "sensitivity": spec.sensitivity,
+                "noise_scale": calibrated.noise_scale,
+                "epsilon": calibrated.epsilon,
+                "delta": calibrated.delta,
+                "name": spec.name,
+            },
+            idempotency=idempotency,
             details={
                 "release": spec.mechanism,
                 "sensitivity": spec.sensitivity,
                 "noise_scale": calibrated.noise_scale,
                 "epsilon": calibrated.epsilon,
                 "delta": calibrated.delta,
-                "values": len(spec.values) if spec.values is not None else None,
+                "values": spec.size,
+                "count": spec.releases,
                 "noise": noise_details(calibrated),
                 "name": spec.name,
             },
         )
-        entry = ledger.append(session, dataset, budget, request, now)
         result = ReleaseResult(
             release,
             noised,
-            view(dataset, budget),
+            dataset_view,
             noise_details(calibrated),
-            ledger.Effect.of(entry),
+            effect,
+            count=spec.releases,
+            noised_batch=noised_batch,
         )
         return 201, render(result)
 
     if dry_run:
         return rehearse(db, operation, dataset_id=dataset_id)
     return write(db, operation, dataset_id=dataset_id, idempotency=idempotency, admission="release")
+
+
+def charge(
+    session: Session,
+    dataset: Dataset,
+    principal: Principal,
+    *,
+    mechanism: Mechanism,
+    count: int,
+    what: str,
+    row: dict[str, Any],
+    idempotency: Idempotency | None,
+    details: dict[str, Any],
+) -> tuple[Release, DatasetView, ledger.Effect]:
+    """On a locked dataset: admit `count` releases of `mechanism` or refuse them all, then
+    store the release row (`row`: its columns beyond ids and times) and its one charge entry.
+
+    Shared by every kind of release (service.domain.inference too), so a batch and a single
+    release are decided, charged and recorded by the same lines.
+    """
+    now, budget = holds.begin(session, dataset)
+    cost = batch_cost(budget, mechanism, count)
+    if not budget.admits(cost):
+        raise refusal(budget, dataset, cost, what)
+    budget.charge(cost, from_hold=False)
+    release = Release(
+        id=new_id("rel"),
+        dataset_id=dataset.id,
+        ledger_seq=dataset.last_seq + 1,
+        created_by=principal.id,
+        created_at=now,
+        **row,
+    )
+    session.add(release)
+    request = ledger.Append(
+        "charge",
+        principal.actor,
+        mechanism=batched(mechanism, count),
+        cost=cost,
+        release_id=release.id,
+        idempotency_key=idempotency.key if idempotency else None,
+        details=details,
+    )
+    entry = ledger.append(session, dataset, budget, request, now)
+    return release, view(dataset, budget), ledger.Effect.of(entry)

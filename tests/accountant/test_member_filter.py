@@ -216,7 +216,7 @@ def test_shares_round_trip_and_refuse_more_than_delta() -> None:
     assert Shares.from_params(shares.params()) == shares
     assert sum(shares.weights) == 1
     heavy = max(shares.weights)
-    assert heavy == Fraction(9, 10)
+    assert heavy == Fraction(17, 20)
     with pytest.raises(ValueError, match="more than 1"):
         explicit_shares([2.0, 4.0], ["1/2", "2/3"])
     with pytest.raises(ValueError):

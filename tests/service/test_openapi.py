@@ -133,6 +133,7 @@ def test_answers_carry_formats_and_enums(spec: dict[str, Any]) -> None:
         "gaussian",
         "laplace",
         "pure_dp",
+        "noisy_argmax",
     ]
     assert set(schemas["RunPublic"]["properties"]["status"]["enum"]) == {
         "active",

@@ -315,6 +315,18 @@ async def every_route_and_state(admin: Any, connect: Callable[[str], Any]) -> No
         assert len(noised) == 2
     with pytest.raises(ValidationError):
         await call(admin, "noisy", ds, [1.0], mechanism="pure_dp", sensitivity=1.0, epsilon=0.1)
+    # Private prediction: K vote histograms in, K labels out (one entry); batches of releases.
+    labels = await call(admin, "private_argmax", ds, [[3, 1], [0, 4]], teachers=4, noise_scale=50.0)
+    assert len(labels) == 2 and set(labels) <= {0, 1}
+    with pytest.raises(ValidationError):
+        await call(admin, "private_argmax", ds, [[3, 2]], teachers=4, noise_scale=50.0)
+    vectors = await call(
+        admin, "noisy_batch", ds, [[1.0], [2.0]], mechanism="laplace", sensitivity=1.0,
+        epsilon=0.1,
+    )  # fmt: skip
+    assert [len(vector) for vector in vectors] == [1, 1]
+    counted = await call(admin, "release", ds, mechanism="pure_dp", epsilon=0.01, count=3)
+    assert counted.count == 3 and counted.labels is None and counted.noised_batch is None
     with pytest.raises(ValidationError):
         await call(admin, "release", ds, mechanism="laplace", epsilon=-1.0)
     with pytest.raises(BudgetExhausted):

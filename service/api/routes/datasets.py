@@ -21,6 +21,8 @@ from service.api.schemas import (
     DatasetPage,
     DatasetPublic,
     DatasetUpdate,
+    DpSgdShares,
+    ExplicitShares,
     problems,
 )
 from service.domain import datasets
@@ -45,16 +47,17 @@ def create_dataset(
 ) -> JSONResponse:
     """Create a dataset with a cap (ε, δ) and its filter's shares of δ; δ and the shares are
     fixed from then on."""
-    choice = datasets.SharesChoice()
-    if body.shares is not None:
-        shares = body.shares
+    shares = body.shares
+    if shares is None:
+        choice = datasets.SharesChoice()
+    elif isinstance(shares, DpSgdShares):
+        choice = datasets.SharesChoice("dp_sgd", shares.sample_rate, shares.steps)
+    elif isinstance(shares, ExplicitShares):
         choice = datasets.SharesChoice(
-            shares.profile,
-            shares.sample_rate,
-            shares.steps,
-            tuple(shares.orders) if shares.orders is not None else None,
-            tuple(shares.weights) if shares.weights is not None else None,
+            "explicit", orders=tuple(shares.orders), weights=tuple(shares.weights)
         )
+    else:
+        choice = datasets.SharesChoice(shares.profile)
     spec = datasets.DatasetSpec(body.id, body.epsilon_cap, body.delta, body.description, choice)
     scope = idempotency(request, principal, idempotency_key, body)
     return respond(datasets.create(db, principal, spec, render.dataset, scope))

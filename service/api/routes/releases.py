@@ -1,4 +1,4 @@
-"""Noisy releases: one charge each."""
+"""Noisy releases: one charge each (for one release, or a batch of K in one entry)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from service.api.deps import (
 )
 from service.api.responses import respond
 from service.api.schemas import RELEASE_DRY_RUN, ReleaseCreate, ReleasePublic, problems
-from service.domain import releases
+from service.domain import inference, releases
 
 router = APIRouter(tags=["releases"])
 
@@ -38,7 +38,23 @@ def create_release(
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRun = False,
 ) -> JSONResponse:
-    """Charge one Gaussian, Laplace or pure-DP release; with `values` the service adds the noise."""
+    """Charge a Gaussian, Laplace or pure-DP release (with `values` or `batch` the service adds
+    the noise; `count` charges K at once), or K noisy-argmax queries answered by label only."""
+    keyed = None if dry_run else idempotency(request, principal, idempotency_key, body)
+    if body.mechanism == "noisy_argmax":
+        assert body.teachers is not None and body.votes is not None  # the schema checked
+        query = inference.ArgmaxSpec(
+            teachers=body.teachers,
+            votes=body.votes,
+            epsilon=body.epsilon,
+            delta=body.delta,
+            noise_scale=body.noise_scale,
+            name=body.name,
+        )
+        outcome = inference.create(
+            db, principal, dataset_id, query, render.release, idempotency=keyed, dry_run=dry_run
+        )
+        return respond(outcome, id_fields=("id", "ledger_seq"))
     spec = releases.ReleaseSpec(
         mechanism=body.mechanism,
         sensitivity=body.sensitivity,
@@ -47,14 +63,10 @@ def create_release(
         noise_scale=body.noise_scale,
         values=body.values,
         name=body.name,
+        count=body.count,
+        batch=body.batch,
     )
     outcome = releases.create(
-        db,
-        principal,
-        dataset_id,
-        spec,
-        render.release,
-        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, body),
-        dry_run=dry_run,
+        db, principal, dataset_id, spec, render.release, idempotency=keyed, dry_run=dry_run
     )
     return respond(outcome, id_fields=("id", "ledger_seq"))
