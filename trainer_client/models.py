@@ -312,7 +312,9 @@ class RunRecord(_DryRunFields):
     ``make_private_with_epsilon`` meaning), not the dataset's filter figure.
     `id` is None only in a dry run. `dataset` is the dataset's budget right
     after the call that returned this record (creation, complete, abort), and
-    `effect` how far that call moved its ε.
+    `effect` how far that call moved its ε. `epsilon_pld` is the plan's PLD ε alone (this
+    run, not adaptive: what Opacus' PRV accountant shows), never used for the cap; None with
+    `epsilon_pld_note` saying why (not computed yet, or refused) or from an older service.
     """
 
     id: str | None
@@ -335,6 +337,8 @@ class RunRecord(_DryRunFields):
     updated_at: datetime
     dataset: Dataset | None = None
     effect: Effect | None = None
+    epsilon_pld: float | None = None
+    epsilon_pld_note: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -363,6 +367,8 @@ class RunRecord(_DryRunFields):
             updated_at=b.time("updated_at"),
             dataset=None if dataset is None else Dataset.from_json(dataset),
             effect=_opt_effect(b),
+            epsilon_pld=b.opt_number("epsilon_pld"),
+            epsilon_pld_note=b.opt_text("epsilon_pld_note"),
             raw=b.obj,
             **_dry_run_fields(b),
         )

@@ -9,6 +9,7 @@ from typing import Any
 from service.domain.datasets import DatasetView
 from service.domain.ledger import Effect, iso
 from service.domain.releases import ReleaseResult
+from service.domain.run_pld import stored
 from service.domain.runs import EpochResult, RunResult
 from service.storage.models import ApiKey, LedgerEntry, Run
 
@@ -54,7 +55,8 @@ def effect(moved: Effect | None) -> Body | None:
 
 
 def run(row: Run) -> Body:
-    """A run."""
+    """A run (its PLD ε as stored: rendering never computes it, since it may run under a lock)."""
+    pld = stored(row)
     return {
         "id": row.id,
         "dataset_id": row.dataset_id,
@@ -70,6 +72,8 @@ def run(row: Run) -> Body:
         "target_epsilon": row.target_epsilon,
         "epsilon": row.epsilon,
         "epsilon_per_epoch": row.epsilon_per_epoch,
+        "epsilon_pld": pld.epsilon,
+        "epsilon_pld_note": pld.note,
         "lease_seconds": row.lease_seconds,
         "expires_at": iso(row.expires_at),
         "created_at": iso(row.created_at),

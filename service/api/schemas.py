@@ -247,6 +247,21 @@ class RunPublic(Public):
     target_epsilon: float | None
     epsilon: float = Field(description="The plan's own ε at the dataset's δ (not a filter figure).")
     epsilon_per_epoch: float
+    # Not required: an Idempotency-Key replay answers the stored body, and plans stored before
+    # this field existed answer without it.
+    epsilon_pld: float | None = Field(
+        None,
+        description=(
+            "This run alone, not adaptive: the PLD ε of the whole plan at the dataset's δ (what "
+            "Opacus' PRV accountant shows); never used for the cap. Null when not computed yet "
+            "or refused: see epsilon_pld_note."
+        ),
+    )
+    epsilon_pld_note: str | None = Field(
+        None,
+        description="Why epsilon_pld is null (pending, or why the PLD accountant refused); "
+        "null when it has a value.",
+    )
     lease_seconds: int
     expires_at: Timestamp
     created_at: Timestamp

@@ -6,7 +6,8 @@ the dataset's fixed δ, and is memoised (a plan seen before costs nothing). The
 one exception is `fit_remaining`: the smallest σ with which the whole plan fits
 what remains of the dataset depends on its state, so it is computed under the
 lock (docs/benchmarks.md has its cost). A plan's hold is exactly `epochs ×` one
-epoch's cost, so charging every epoch drains it to zero with no remainder.
+epoch's cost, so charging every epoch drains it to zero with no remainder. Each run
+also shows its PLD ε alone (`run_pld`), which is never computed under the lock.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from accountant import calibrate, exact
-from service.domain import holds, ledger
+from accountant.mechanisms import Mechanism
+from service.domain import holds, ledger, run_pld
 from service.domain.budget import Budget, Cost, dumps_units
 from service.domain.datasets import DatasetView, refresh, view
 from service.domain.errors import (
@@ -128,14 +130,19 @@ def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
     )
 
 
-def _plan_cost(spec: RunSpec, budget: Budget, sigma: float) -> Cost:
+def _plan_mechanism(spec: RunSpec, sigma: float, epochs: int = 1) -> Mechanism:
+    """What `epochs` epochs of the plan with the trainer's σ are charged as."""
     probe = Run(
         sampling=spec.sampling,
         sample_rate=spec.sample_rate,
         steps_per_epoch=spec.steps_per_epoch,
         noise_multiplier=sigma,
     )
-    return budget.cost_of(holds.epoch_mechanism(probe)).times(spec.epochs)
+    return holds.epoch_mechanism(probe, epochs)
+
+
+def _plan_cost(spec: RunSpec, budget: Budget, sigma: float) -> Cost:
+    return budget.cost_of(_plan_mechanism(spec, sigma)).times(spec.epochs)
 
 
 @lru_cache(maxsize=4096)
@@ -248,6 +255,13 @@ def create(
     principal.require("trainer")
     delta = _dataset_delta(db, principal, dataset_id)
     early = None if spec.fit_remaining else calibrate_plan(spec, delta)
+    # The PLD ε alone, before the lock (memoised per shape); fit_remaining's σ is only known
+    # under the lock, so its figure stays pending (both columns NULL) for the next read.
+    figure = (
+        run_pld.of_plan(_plan_mechanism(spec, early.noise_multiplier, spec.epochs), delta)
+        if early is not None
+        else None
+    )
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
@@ -268,6 +282,8 @@ def create(
             target_epsilon=spec.target_epsilon,
             epsilon=calibration.epsilon,
             epsilon_per_epoch=calibration.epsilon_per_epoch,
+            epsilon_pld=figure.epsilon if figure else None,
+            epsilon_pld_note=figure.note if figure else None,
             lease_seconds=spec.lease_seconds,
             expires_at=now + timedelta(seconds=spec.lease_seconds),
             created_by=principal.id,
@@ -416,6 +432,7 @@ def finish(
 ) -> Outcome:
     """Complete or abort a run, releasing what is left of its hold."""
     principal.require("trainer")
+    _fill_pld(db, principal, run_id)  # before the lock, so the answer shows the figure
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
@@ -439,12 +456,28 @@ def finish(
     return write(db, operation, run_id=run_id, idempotency=idempotency)
 
 
-def get(db: Database, principal: Principal, run_id: str) -> Run:
-    """One run (its dataset's lapsed holds expired first)."""
-    principal.require("trainer", "auditor")
-    refresh(db, _run_dataset(db, principal, run_id))
+def _fill_pld(db: Database, principal: Principal, run_id: str) -> None:
+    """Store a visible run's PLD ε if it is still missing (outside any transaction)."""
     with db.read() as session:
-        return _locked_run(session, run_id)
+        found = session.execute(
+            select(Run, Dataset.delta)
+            .join(Dataset, Dataset.id == Run.dataset_id)
+            .where(Run.id == run_id)
+        ).one_or_none()
+    if found is not None and principal.sees(found[0].dataset_id):
+        run_pld.fill(db, [found[0]], float(found[1]))
+
+
+def get(db: Database, principal: Principal, run_id: str) -> Run:
+    """One run (its dataset's lapsed holds expired first; its PLD ε computed if missing)."""
+    principal.require("trainer", "auditor")
+    dataset_id = _run_dataset(db, principal, run_id)
+    refresh(db, dataset_id)
+    with db.read() as session:
+        run = _locked_run(session, run_id)
+        delta = session.execute(select(Dataset.delta).where(Dataset.id == dataset_id)).scalar_one()
+    run_pld.fill(db, [run], float(delta))
+    return run
 
 
 def listing(
@@ -467,4 +500,7 @@ def listing(
         if after:
             statement = statement.where(Run.id > after)
         rows = list(session.execute(statement.limit(limit + 1)).scalars())
-        return rows[:limit], len(rows) > limit
+        delta = session.execute(select(Dataset.delta).where(Dataset.id == dataset_id)).scalar()
+    if delta is not None:
+        run_pld.fill(db, rows[:limit], float(delta))
+    return rows[:limit], len(rows) > limit

@@ -152,6 +152,10 @@ class Run(Base):
     target_epsilon: Mapped[float | None] = mapped_column(Float)
     epsilon: Mapped[float] = mapped_column(Float)
     epsilon_per_epoch: Mapped[float] = mapped_column(Float)
+    # The plan's PLD ε alone (shown, never a filter figure; service/domain/run_pld.py): both
+    # NULL until computed, then the figure, or NULL and why the PLD accountant refused it.
+    epsilon_pld: Mapped[float | None] = mapped_column(Float)
+    epsilon_pld_note: Mapped[str | None] = mapped_column(Text)
     epoch_units: Mapped[str] = mapped_column(Text)  # JSON list of ints: one epoch's curve
     lease_seconds: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
