@@ -2,14 +2,14 @@
 
     .venv/bin/python -m bench.cost [--backend sqlite|postgres|both] [--requests N] [--repeats R]
 
-Starts `privacy-ledger serve` (one worker) on a fresh database, as bench/load.py does, and
+Starts `privacy-ledger serve` (one worker) on a fresh database, as bench.load does, and
 sends batches of one kind of request, one at a time, over one keep-alive connection: the
 framework's floor (`GET /livez`), a dataset read, and the four admissions of the trainer mix
 (plan, epoch within its plan, Laplace release, completion), every POST with a fresh
 Idempotency-Key. For each batch it prints the wall time and the server's CPU (its process
 group's user + system time, from /proc) per request; each figure is the least of `--repeats`
 batches, the one least disturbed by whatever else the machine does. What load costs on top
-(waiting, contention) is bench/load.py's business; this is the price of one request.
+(waiting, contention) is bench.load's business; this is the price of one request.
 """
 
 from __future__ import annotations
@@ -23,18 +23,16 @@ from pathlib import Path
 
 import uvloop
 
-from bench.load import (
+from bench.load.client import Connection, group_cpu_seconds
+from bench.load.report import table
+from bench.load.servers import (
     DEFAULT_POSTGRES_URL,
-    Connection,
-    Mix,
     Server,
     fresh_database,
-    group_cpu_seconds,
     ledger_server,
     postgres_available,
-    prepare,
-    table,
 )
+from bench.load.workloads import Mix, prepare
 
 Request = Callable[[], Awaitable[tuple[int, bytes]]]
 

@@ -1,0 +1,212 @@
+"""Growth: epoch admission latency and server CPU against the dataset's ledger history.
+
+One client, sequential, with 100, 10,000 and 100,000 existing entries on the dataset. The
+history is written in-process through the domain's public operations (`service.domain`'s
+`datasets.create`, `keys.create`, `runs.create`, `reserve_epoch`, `finish`, `releases.create`:
+the calls the routes make), so the chain, cached curves and idempotency records are as the
+server would have written them; only durability is relaxed while seeding (no fsync per commit;
+the server's connections keep theirs). In-process because 100,000 entries over HTTP would take
+many minutes. The operations take a `render` callback that shapes their answer; the seeder
+passes small local ones that keep only what it reads next (a run's id, the ledger's length),
+so nothing of `service.api` is imported. The server is restarted on that database for each
+size; the chain is verified at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from sqlalchemy import event
+
+from accountant import calibrate
+from bench.load.client import Connection, group_cpu_seconds
+from bench.load.report import progress
+from bench.load.servers import admin_client, ledger_server
+from bench.load.workloads import (
+    DELTA,
+    EPOCHS,
+    EPSILON_CAP,
+    RELEASES,
+    SAMPLE_RATE,
+    STEPS_PER_EPOCH,
+    TARGET_EPSILON,
+)
+from service.domain import datasets, keys, releases, runs
+from service.domain.transactions import Body, Idempotency, Outcome
+from service.storage import migrate
+from service.storage.database import Database
+
+
+def relax_durability(db: Database) -> None:
+    """Seeding only: no fsync per commit on this handle's connections (a throwaway database)."""
+    statement = "PRAGMA synchronous=OFF" if db.is_sqlite else "SET synchronous_commit TO off"
+
+    @event.listens_for(db.write_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+        dbapi_connection.commit()
+
+
+def _run_id(result: runs.RunResult) -> Body:
+    return {"id": result.run.id}
+
+
+def _ledger_seq(result: runs.RunResult) -> Body:
+    return {"ledger_seq": result.dataset.ledger_seq}
+
+
+def _nothing(_: object) -> Body:
+    return {}
+
+
+def _outcome(answer: object) -> Outcome:
+    # Without dry_run an operation answers an Outcome; anything else is a change of contract.
+    if not isinstance(answer, Outcome):
+        raise TypeError(f"the domain answered {type(answer).__name__}, not an Outcome")
+    return answer
+
+
+class Seeder:
+    """Writes ledger history through the domain layer, as the routes would for the trainer mix."""
+
+    def __init__(self, db: Database, dataset_id: str) -> None:
+        self.db = db
+        self.dataset_id = dataset_id
+        self.principal = keys.Principal(keys.BOOTSTRAP_ID, "admin")
+        # σ calibrated once and given to every plan: the same curves as the HTTP mix's target
+        # ε, without paying the calibration again for each of thousands of plans.
+        sigma = calibrate.noise_multiplier(
+            TARGET_EPSILON, DELTA, SAMPLE_RATE, STEPS_PER_EPOCH * EPOCHS
+        )
+        self.plan = runs.RunSpec(
+            sample_rate=SAMPLE_RATE,
+            steps_per_epoch=STEPS_PER_EPOCH,
+            epochs=EPOCHS,
+            target_epsilon=None,
+            noise_multiplier=sigma,
+            sampling="poisson",
+            max_grad_norm=1.0,
+            name="bench-seed",
+            lease_seconds=3600,
+        )
+        self.releases = [
+            releases.ReleaseSpec(mechanism, 1.0, epsilon, delta, None, None, None)
+            for mechanism, epsilon, delta in RELEASES
+        ]
+        self.entries = 0
+
+    def _key(self) -> Idempotency:
+        # Seeded keys are never presented again: any fingerprint will do.
+        key = str(uuid.uuid4())
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return Idempotency(self.principal.id, key, digest, digest)
+
+    def create_dataset(self) -> None:
+        """The dataset (its `dataset_created` entry is the first)."""
+        spec = datasets.DatasetSpec(self.dataset_id, EPSILON_CAP, DELTA)
+        datasets.create(self.db, self.principal, spec, _nothing, self._key())
+        self.entries = 1
+
+    def trainer_key(self) -> str:
+        """A trainer key for the measuring client (the operation adds its secret to the body)."""
+        outcome = keys.create(
+            self.db, self.principal, role="trainer", datasets=None, name="bench.load",
+            render=_nothing,
+        )  # fmt: skip
+        return str(outcome.body["key"])
+
+    def until(self, entries: int) -> None:
+        """Run trainer-mix cycles until the dataset has at least `entries` entries."""
+        p, db = self.principal, self.db
+        while self.entries < entries:
+            key = self._key()
+            planned = runs.create(db, p, self.dataset_id, self.plan, _run_id, idempotency=key)
+            run_id = _outcome(planned).body["id"]
+            for _ in range(EPOCHS):
+                runs.reserve_epoch(db, p, run_id, _nothing, idempotency=self._key())
+            for spec in self.releases:
+                releases.create(db, p, self.dataset_id, spec, _nothing, idempotency=self._key())
+            finished = runs.finish(db, p, run_id, "completed", _ledger_seq, idempotency=self._key())
+            self.entries = int(finished.body["ledger_seq"])
+        self.db.dispose()  # nothing of ours stays connected while the server runs
+
+
+@dataclass(frozen=True)
+class GrowthPoint:
+    """Epoch admissions with `entries` entries already on the dataset: latency and server CPU."""
+
+    backend: str
+    entries: int
+    latencies: list[float]
+    server_cpu_ms: float  # the server's CPU per admission: cost, unlike latency, ignores waits
+
+    def percentile_ms(self, percent: int) -> float:
+        """A latency percentile in milliseconds."""
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[percent - 1] * 1e3
+
+
+async def epoch_latencies(port: int, token: str, run_id: str, count: int) -> list[float]:
+    """Seconds per epoch admission, `count` of them, one request at a time."""
+    connection = Connection(port, token)
+    latencies = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            status, body = await connection.post(f"/v1/runs/{run_id}/epochs")
+            latencies.append(time.perf_counter() - started)
+            if status != 201:
+                raise RuntimeError(f"epoch admission answered {status}: {body[:300]!r}")
+    finally:
+        connection.close()
+    return latencies
+
+
+def measure_growth(
+    backend: str, url: str, sizes: Sequence[int], requests: int, workdir: Path
+) -> list[GrowthPoint]:
+    """Seed to each size in turn, (re)start the server and time epoch admissions."""
+    db = Database(url)
+    relax_durability(db)
+    migrate.upgrade(db.write_engine)
+    seeder = Seeder(db, "growth")
+    seeder.create_dataset()
+    token = seeder.trainer_key()
+    warmup = max(10, requests // 10)
+    plan = {
+        "sample_rate": SAMPLE_RATE,
+        "steps_per_epoch": STEPS_PER_EPOCH,
+        "epochs": warmup + requests,
+        "noise_multiplier": seeder.plan.noise_multiplier,
+    }
+    points = []
+    for size in sizes:
+        started = time.perf_counter()
+        seeder.until(size)
+        seconds = time.perf_counter() - started
+        progress(f"growth {backend}: seeded to {seeder.entries:,} entries in {seconds:.0f} s")
+        with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
+            answer = http.post("/v1/datasets/growth/runs", json=plan)
+            answer.raise_for_status()
+            run_id = answer.json()["id"]
+            uvloop.run(epoch_latencies(server.port, token, run_id, warmup))
+            cpu_before = group_cpu_seconds(server.pgid)
+            latencies = uvloop.run(epoch_latencies(server.port, token, run_id, requests))
+            server_cpu_ms = (group_cpu_seconds(server.pgid) - cpu_before) / requests * 1e3
+            http.post(f"/v1/runs/{run_id}/complete").raise_for_status()
+            points.append(GrowthPoint(backend, seeder.entries, latencies, server_cpu_ms))
+            seeder.entries = int(http.get("/v1/datasets/growth").json()["ledger_seq"])
+            if size == sizes[-1]:
+                verdict = http.get("/v1/datasets/growth/ledger/verify").json()
+                if not verdict["ok"]:
+                    raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")
+    return points
