@@ -31,16 +31,14 @@ import uvloop
 
 from bench.load import (
     DEFAULT_POSTGRES_URL,
-    Clock,
     Connection,
-    Cpu,
     fresh_database,
     ledger_server,
     postgres_available,
     prepare,
-    sample_cpu,
     table,
 )
+from bench.load.client import Clock, Cpu, sample_cpu
 
 WARMUP_S = 2.0
 CLASSES, TEACHERS, SIGMA = 10, 250, 40.0
@@ -119,8 +117,10 @@ async def drive(
         finally:
             connection.close()
 
-    sampler = asyncio.create_task(sample_cpu(clock, pgid))
+    done = asyncio.Event()  # set when every client has stopped (the window is over by then)
+    sampler = asyncio.create_task(sample_cpu(clock, pgid, done))
     await asyncio.gather(*(client() for _ in range(clients)))
+    done.set()
     cpu = await sampler
     requests = counts["requests"]
     return Measured(kind, duration, requests, requests * kind.queries, counts["failed"], cpu)
