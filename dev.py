@@ -2,7 +2,8 @@
 """The project's two set-up commands, for a fresh machine with only Python.
 
     python3 dev.py serve [serve options]   start the service on the embedded SQLite store
-    python3 dev.py test  [pytest options]  lint, type-check and run the whole test suite
+    python3 dev.py test  [pytest options]  lint, type-check, check the import layers and run
+                                           the whole test suite
 
 and one usage command:
 
@@ -82,6 +83,8 @@ def test(args: list[str]) -> None:
     _run(PYTHON, "-m", "ruff", "check", ".")
     _run(PYTHON, "-m", "ruff", "format", "--check", ".")
     _run(PYTHON, "-m", "mypy", *CHECKED_PACKAGES)
+    # The layer rules of DESIGN.md §2 ([tool.importlinter] in pyproject.toml).
+    _run(BIN / "lint-imports", "--no-logo")
     if os.environ.get("LEDGER_TEST_POSTGRES_URL"):
         print("dev.py: storage tests run on SQLite and on PostgreSQL", flush=True)
     elif os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:

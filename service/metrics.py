@@ -3,14 +3,19 @@
 `privacy-ledger serve` points PROMETHEUS_MULTIPROC_DIR at a fresh folder
 before the workers start, so every worker's counters land in shared files
 and any worker's /metrics answers for all of them. Per-dataset ε gauges are
-read from the database at scrape time, so they are the same whichever
-worker answers.
+read from the database at scrape time (by the domain, which hands them to
+`render`), so they are the same whichever worker answers.
+
+This module lies below the domain: the domain counts through it, and it
+imports nothing of ours (the `metrics-below-domain` import contract), so the
+two can never import each other in a cycle.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,13 +28,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import select
 
-from service.domain.budget import Budget
-from service.storage.database import Database
-from service.storage.models import Dataset
-
-__all__ = ["CONTENT_TYPE_LATEST", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "DatasetGauge", "render"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -58,11 +58,21 @@ LOCK_WAIT = Histogram(
 )
 
 
-class DatasetCollector(Collector):
-    """ε spent / reserved / cap per dataset, read from the database when scraped."""
+@dataclass(frozen=True)
+class DatasetGauge:
+    """One dataset's ε figures as a scrape shows them (computed by the domain)."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    dataset: str
+    epsilon_spent: float
+    epsilon_reserved: float
+    epsilon_cap: float
+
+
+class DatasetCollector(Collector):
+    """ε spent / reserved / cap per dataset, from figures read when scraped."""
+
+    def __init__(self, gauges: Iterable[DatasetGauge]) -> None:
+        self.gauges = list(gauges)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         spent = GaugeMetricFamily(
@@ -74,16 +84,14 @@ class DatasetCollector(Collector):
         cap = GaugeMetricFamily(
             "ledger_dataset_epsilon_cap", "The dataset's cap.", labels=["dataset"]
         )
-        with self.db.read() as session:
-            for row in session.execute(select(Dataset)).scalars():
-                budget = Budget.of(row)
-                spent.add_metric([row.id], budget.epsilon_spent())
-                reserved.add_metric([row.id], budget.epsilon_reserved())
-                cap.add_metric([row.id], row.epsilon_cap)
+        for gauge in self.gauges:
+            spent.add_metric([gauge.dataset], gauge.epsilon_spent)
+            reserved.add_metric([gauge.dataset], gauge.epsilon_reserved)
+            cap.add_metric([gauge.dataset], gauge.epsilon_cap)
         yield from (spent, reserved, cap)
 
 
-def render(db: Database) -> bytes:
+def render(datasets: Iterable[DatasetGauge]) -> bytes:
     """The exposition text: every worker's counters plus the dataset gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
@@ -91,9 +99,9 @@ def render(db: Database) -> bytes:
         process_metrics = generate_latest(registry)
     else:
         process_metrics = generate_latest(REGISTRY)
-    datasets = CollectorRegistry()
-    datasets.register(DatasetCollector(db))
-    return process_metrics + generate_latest(datasets)
+    gauges = CollectorRegistry()
+    gauges.register(DatasetCollector(datasets))
+    return process_metrics + generate_latest(gauges)
 
 
 def admission(operation: str, outcome: str) -> None:

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         description="Key file used when secret_key is unset: created on first start "
         "(32 random bytes as hex, mode 0600) and shared by every worker and process.",
     )
+    key_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long each process trusts an API key it verified without reading it "
+        "again: a revoked key is refused everywhere within this bound (0: read every time).",
+    )
     default_lease_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     log_level: str = "info"

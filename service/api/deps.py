@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from service.domain import keys
-from service.domain.keys import Principal
+from service.domain.keys import KeyCache, Principal
 from service.domain.transactions import HMAC_PREFIX, Idempotency
 from service.settings import Settings
 from service.storage.database import Database
@@ -30,8 +30,14 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
+def _key_cache(request: Request) -> KeyCache:
+    cache: KeyCache = request.app.state.key_cache
+    return cache
+
+
 DatabaseDep = Annotated[Database, Depends(_database)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+KeyCacheDep = Annotated[KeyCache, Depends(_key_cache)]
 
 
 # Published as the `bearer` security scheme. Not `auto_error`: a missing or non-Bearer header is
@@ -46,11 +52,12 @@ _bearer = HTTPBearer(
 def _current_key(
     db: DatabaseDep,
     settings: SettingsDep,
+    cache: KeyCacheDep,
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     token = credentials.credentials.strip() if credentials is not None else None
-    principal = keys.authenticate(db, token, settings.admin_key)
+    principal = keys.authenticate(db, token, settings.admin_key, cache)
     request.state.key_id = principal.id
     return principal
 

@@ -3,6 +3,11 @@
 A key reads `pl_<id>_<secret>`. Only SHA-256(secret) is stored: the secret is
 256 random bits, so a fast hash is enough (no dictionary to attack), and the
 id makes lookup a primary-key read.
+
+Each process keeps the keys it verified in a `KeyCache` for at most
+`LEDGER_KEY_CACHE_SECONDS` (default 1 s), so a caller's requests after the
+first in that window cost no database round trip; that is the bound within
+which a revocation reaches every worker and process (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +35,9 @@ BOOTSTRAP_ID = "bootstrap"
 BOOTSTRAP_NAME = "LEDGER_ADMIN_KEY"
 _PREFIX = "pl"
 _SCAN_BATCH = 500
+# Only verified keys enter the cache, so its size is bounded by the keys in use; the cap is a
+# guard, not a tuning knob.
+KEY_CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,76 @@ def _secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> Principal:
-    """The principal behind a bearer token, or Unauthorized."""
+@dataclass(frozen=True)
+class _Verified:
+    secret_hash: str
+    principal: Principal
+    read_from: float  # the clock when the lookup that found the key active began
+
+
+class KeyCache:
+    """The keys this process verified within the last `ttl_s` seconds, by key id.
+
+    The bound: a key whose revocation committed at time R is refused by every process from
+    R + `ttl_s` on. An entry is stamped with the clock *before* its row is read, and trusted
+    until that stamp plus `ttl_s`; the read saw the key active, so it began before R, and the
+    entry runs out before R + `ttl_s`. Revoking through this process forgets the key here at
+    once. Only keys found active with their secret enter; an unknown id, a wrong secret or a
+    revoked key is looked up every time, as without the cache, so it gives a prober no faster
+    answer and leaves nothing behind. `ttl_s` = 0 turns the cache off.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        *,
+        max_entries: int = KEY_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s < 0 or max_entries < 1:
+            raise ValueError("a key cache needs ttl_s >= 0 and max_entries >= 1")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: dict[str, _Verified] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_id: str, secret_hash: str) -> Principal | None:
+        """The principal of a key verified less than `ttl_s` ago with this secret, else None."""
+        entry = self._entries.get(key_id)
+        if entry is None or self.clock() - entry.read_from >= self.ttl_s:
+            return None
+        if not hmac.compare_digest(entry.secret_hash, secret_hash):
+            return None
+        return entry.principal
+
+    def put(self, key_id: str, secret_hash: str, principal: Principal, read_from: float) -> None:
+        """Remember a key found active by a lookup that began at `read_from` (this clock)."""
+        if self.ttl_s == 0:
+            return
+        with self._lock:
+            self._entries.pop(key_id, None)
+            if len(self._entries) >= self.max_entries:
+                self._evict()
+            self._entries[key_id] = _Verified(secret_hash, principal, read_from)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key (this process revoked it)."""
+        with self._lock:
+            self._entries.pop(key_id, None)
+
+    def _evict(self) -> None:
+        now = self.clock()
+        for key_id in [k for k, e in self._entries.items() if now - e.read_from >= self.ttl_s]:
+            del self._entries[key_id]
+        while len(self._entries) >= self.max_entries:  # all fresh: drop the oldest
+            del self._entries[next(iter(self._entries))]
+
+
+def authenticate(
+    db: Database, token: str | None, bootstrap_key: str | None, cache: KeyCache | None = None
+) -> Principal:
+    """The principal behind a bearer token, or Unauthorized; from `cache` when it has the key."""
     if not token:
         raise Unauthorized("missing API key: send Authorization: Bearer <key>")
     if bootstrap_key and hmac.compare_digest(token.encode(), bootstrap_key.encode()):
@@ -72,18 +150,26 @@ def authenticate(db: Database, token: str | None, bootstrap_key: str | None) -> 
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != _PREFIX:
         raise Unauthorized("invalid API key")
+    key_id, secret_hash = parts[1], _secret_hash(parts[2])
+    cached = cache.get(key_id, secret_hash) if cache is not None else None
+    if cached is not None:
+        return cached
+    read_from = cache.clock() if cache is not None else 0.0
     with db.lookup() as session:
-        key = session.get(ApiKey, parts[1])
+        key = session.get(ApiKey, key_id)
         # Compare even when the key is unknown, so timing does not tell ids apart.
         stored = key.secret_hash if key is not None else "0" * 64
-        matches = hmac.compare_digest(stored, _secret_hash(parts[2]))
+        matches = hmac.compare_digest(stored, secret_hash)
         if key is None or not matches:
             raise Unauthorized("invalid API key")
         if key.revoked_at is not None:
             raise Unauthorized("this API key has been revoked")
         scope = frozenset(json.loads(key.datasets)) if key.datasets is not None else None
         # The row is read here anyway: its name travels to every entry at no extra query.
-        return Principal(key.id, key.role, scope, key.name)
+        principal = Principal(key.id, key.role, scope, key.name)
+    if cache is not None:
+        cache.put(key_id, secret_hash, principal, read_from)
+    return principal
 
 
 def issue(
@@ -174,15 +260,23 @@ def create(
 
 
 def revoke_key(
-    db: Database, principal: Principal, key_id: str, render: Callable[[ApiKey], Body]
+    db: Database,
+    principal: Principal,
+    key_id: str,
+    render: Callable[[ApiKey], Body],
+    cache: KeyCache | None = None,
 ) -> Body:
-    """Revoke a key (admin); it is refused from the next request on."""
+    """Revoke a key (admin): refused from the next request on in this process (`cache`), and
+    within the cache's bound in every other worker and process."""
     principal.require("admin")
 
     def operation(session: Session, _: object) -> tuple[int, Body]:
         return 200, render(revoke(session, key_id))
 
-    return write(db, operation).body
+    body = write(db, operation).body
+    if cache is not None:  # after the commit: a lookup from now on reads the revoked row
+        cache.forget(key_id)
+    return body
 
 
 def list_keys(

@@ -29,7 +29,11 @@ from accountant import exact
 from accountant.mechanisms import Mechanism
 from accountant.members import PureTotal
 from service.domain.budget import Budget, Cost, dumps_units, loads_pure, loads_units
-from service.storage.models import Dataset, LedgerEntry, Run
+
+# Re-exported: the ledger routes name entries and their kinds from here, not from storage.
+from service.storage.models import ENTRY_KINDS as ENTRY_KINDS
+from service.storage.models import Dataset, Run
+from service.storage.models import LedgerEntry as LedgerEntry
 
 GENESIS_HASH = "0" * 64
 _VERIFY_BATCH = 2000

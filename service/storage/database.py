@@ -40,7 +40,7 @@ try:
 except ImportError:  # not on Windows: there, only a process's own writers queue
     fcntl = None  # type: ignore[assignment]
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -110,6 +110,11 @@ class Database:
         begin or end), an ordinary read transaction on SQLite."""
         with self._lookup() as session:
             yield session
+
+    def ping(self) -> None:
+        """One trivial statement through a read transaction; raises if the store is unreachable."""
+        with self.read() as session:
+            session.execute(text("SELECT 1"))
 
     def lock_dataset(
         self, session: Session, dataset_id: str | None = None, *, run_id: str | None = None

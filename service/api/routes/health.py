@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
 from service import metrics
+from service.api.deps import DatabaseDep
 from service.api.errors import problem
-from service.storage import migrate
-from service.storage.database import Database
+from service.domain import monitoring
 
 router = APIRouter(tags=["health"])
 
@@ -28,24 +26,16 @@ def livez_head() -> Response:
 
 
 @router.get("/readyz", operation_id="readyz")
-def readyz(request: Request) -> JSONResponse:
+def readyz(db: DatabaseDep) -> JSONResponse:
     """The database answers and its schema is at the newest migration."""
-    db: Database = request.app.state.db
-    try:
-        with db.read() as session:
-            session.execute(text("SELECT 1"))
-        current = migrate.current_revision(db.read_engine)
-    except SQLAlchemyError:
-        return problem(503, "service_unavailable", "Not ready", "the database is unreachable")
-    head = migrate.head_revision()
-    if current != head:
-        detail = f"database schema at {current}, expected {head}: run `privacy-ledger db upgrade`"
-        return problem(503, "service_unavailable", "Not ready", detail)
-    return JSONResponse({"status": "ok", "revision": current})
+    state = monitoring.readiness(db)
+    if not state.ready:
+        return problem(503, "service_unavailable", "Not ready", state.detail)
+    return JSONResponse({"status": "ok", "revision": state.revision})
 
 
 @router.get("/metrics", operation_id="metrics", response_class=Response)
-def prometheus_metrics(request: Request) -> Response:
+def prometheus_metrics(db: DatabaseDep) -> Response:
     """Prometheus exposition: requests, latencies, admissions, refusals, replays, lock waits, ε."""
-    db: Database = request.app.state.db
-    return Response(metrics.render(db), media_type=metrics.CONTENT_TYPE_LATEST)
+    body = metrics.render(monitoring.dataset_gauges(db))
+    return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from service.api.deps import (
     CurrentKey,
     DatabaseDep,
     IdempotencyKeyHeader,
+    KeyCacheDep,
     Limit,
     idempotency,
     requires,
@@ -65,6 +66,10 @@ def list_keys(
 @router.delete(
     "/{key_id}", response_model=KeyPublic, operation_id="revoke_key", responses=READ_ERRORS
 )
-def revoke_key(key_id: str, db: DatabaseDep, principal: CurrentKey) -> KeyPublic:
-    """Revoke a key: it is refused from the next request on."""
-    return KeyPublic.model_validate(keys.revoke_key(db, principal, key_id, render.key))
+def revoke_key(
+    key_id: str, db: DatabaseDep, cache: KeyCacheDep, principal: CurrentKey
+) -> KeyPublic:
+    """Revoke a key: refused from the next request on by the worker that answers, and within
+    `LEDGER_KEY_CACHE_SECONDS` (default 1 s) by every other worker and process."""
+    revoked = keys.revoke_key(db, principal, key_id, render.key, cache)
+    return KeyPublic.model_validate(revoked)

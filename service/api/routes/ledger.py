@@ -31,7 +31,7 @@ from service.api.schemas import (
     problems,
 )
 from service.domain import datasets
-from service.storage.models import ENTRY_KINDS, LedgerEntry
+from service.domain.ledger import ENTRY_KINDS, LedgerEntry
 
 router = APIRouter(prefix="/v1/datasets/{dataset_id}/ledger", tags=["ledger"])
 Kind = Literal[ENTRY_KINDS]  # type: ignore[valid-type]

@@ -1,0 +1,172 @@
+"""API keys from a per-process cache: no lookup per request, and a revoked key refused by every
+process within the bound (`LEDGER_KEY_CACHE_SECONDS`, default 1 s; docs/operations.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+
+from service.app import create_app
+from service.domain import keys
+from service.domain.errors import Unauthorized
+from service.settings import Settings
+from service.storage.database import Database
+
+from .conftest import ADMIN_KEY, Api, LiveServer
+
+BOUND_S = Settings.model_fields["key_cache_seconds"].default
+
+
+@contextmanager
+def key_lookups(db: Database) -> Iterator[list[str]]:
+    """The statements that read the api_keys table while the block runs."""
+    seen: list[str] = []
+    url = db.write_engine.url
+
+    def count(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if conn.engine.url == url and "FROM api_keys" in statement:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+
+def _trainer_calls(migrated_url: str, key_cache_seconds: float, calls: int) -> int:
+    """How many key lookups `calls` reads with one trainer key cost."""
+    settings = Settings(
+        database_url=migrated_url, admin_key=ADMIN_KEY, key_cache_seconds=key_cache_seconds
+    )
+    db = Database(migrated_url)
+    try:
+        with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
+            admin = Api(client, ADMIN_KEY)
+            admin.create_dataset("d", 1.0)
+            trainer = admin.as_key(admin.new_key("trainer", ["d"]))
+            with key_lookups(db) as lookups:
+                for _ in range(calls):
+                    assert trainer.get("/v1/datasets/d").status_code == 200
+            return len(lookups)
+    finally:
+        db.dispose()
+
+
+def test_the_cache_saves_the_key_lookup_of_every_request_but_the_first(migrated_url: str) -> None:
+    # A long bound, so the count does not depend on how fast this machine is today.
+    assert _trainer_calls(migrated_url, key_cache_seconds=60, calls=20) == 1
+
+
+def test_without_the_cache_every_request_looks_its_key_up(migrated_url: str) -> None:
+    assert _trainer_calls(migrated_url, key_cache_seconds=0, calls=5) == 5
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _issued(database: Database) -> tuple[str, str]:
+    with database.write() as session:
+        row, token = keys.issue(session, role="trainer", datasets=None, name="cached")
+        session.commit()
+    return row.id, token
+
+
+def test_a_key_revoked_elsewhere_is_trusted_at_most_the_bound(database: Database) -> None:
+    clock = Clock()
+    cache = keys.KeyCache(1.0, clock=clock)
+    key_id, token = _issued(database)
+    assert keys.authenticate(database, token, None, cache).id == key_id
+    # Revoked by another process: this cache is not told.
+    with database.write() as session:
+        keys.revoke(session, key_id)
+        session.commit()
+    clock.now += 0.999
+    with key_lookups(database) as lookups:
+        assert keys.authenticate(database, token, None, cache).id == key_id
+    assert lookups == []  # answered from the cache, within the bound
+    clock.now += 0.001
+    with pytest.raises(Unauthorized, match="revoked"):
+        keys.authenticate(database, token, None, cache)
+    # A refusal is not cached: it is looked up again, every time.
+    with key_lookups(database) as lookups, pytest.raises(Unauthorized, match="revoked"):
+        keys.authenticate(database, token, None, cache)
+    assert len(lookups) == 1
+
+
+def test_a_wrong_secret_is_refused_and_looked_up_even_when_its_key_id_is_cached(
+    database: Database,
+) -> None:
+    cache = keys.KeyCache(60.0)
+    key_id, token = _issued(database)
+    assert keys.authenticate(database, token, None, cache).id == key_id
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    for _ in range(2):
+        with key_lookups(database) as lookups, pytest.raises(Unauthorized, match="invalid"):
+            keys.authenticate(database, forged, None, cache)
+        assert len(lookups) == 1
+    unknown = f"pl_key{'0' * 16}_{token.split('_', 2)[2]}"
+    with key_lookups(database) as lookups, pytest.raises(Unauthorized, match="invalid"):
+        keys.authenticate(database, unknown, None, cache)
+    assert len(lookups) == 1
+    assert keys.authenticate(database, token, None, cache).id == key_id
+
+
+def test_revoking_through_this_process_refuses_the_key_at_once(migrated_url: str) -> None:
+    settings = Settings(database_url=migrated_url, admin_key=ADMIN_KEY, key_cache_seconds=60)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        admin = Api(client, ADMIN_KEY)
+        admin.create_dataset("d", 1.0)
+        token = admin.new_key("trainer", ["d"])
+        trainer = admin.as_key(token)
+        assert trainer.get("/v1/datasets/d").status_code == 200  # now cached, for 60 s
+        assert admin.delete(f"/v1/keys/{token.split('_')[1]}").status_code == 200
+        refused = trainer.get("/v1/datasets/d")
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+
+
+def test_a_key_revoked_through_one_serve_process_is_refused_by_another_within_the_bound(
+    live_server: LiveServer,
+) -> None:
+    first = live_server()
+    second = live_server(workers=2)  # two more processes, each with its own cache
+    admin = Api(httpx.Client(base_url=first, timeout=10), ADMIN_KEY)
+    admin.create_dataset("d", 1.0)
+    token = admin.new_key("trainer", ["d"])
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def status_at_second() -> int:
+        # A fresh connection each time, so the calls spread over the second server's workers.
+        return httpx.get(f"{second}/v1/datasets/d", headers=headers, timeout=10).status_code
+
+    # Before the revocation commits, every worker of the second server admits the key (and
+    # caches it).
+    assert [status_at_second() for _ in range(20)] == [200] * 20
+    assert admin.delete(f"/v1/keys/{token.split('_')[1]}").status_code == 200
+    committed_by = time.monotonic()  # the revocation committed before its answer came back
+    # Poll the second server for the bound and a little more. A call sent after
+    # committed_by + bound reaches a worker whose entry, stamped before a read that saw the key
+    # active (so before the commit), has run out: it must be refused, with no slack.
+    observed: list[tuple[float, int]] = []
+    deadline = committed_by + BOUND_S + 1.0
+    while time.monotonic() < deadline:
+        sent = time.monotonic() - committed_by
+        observed.append((sent, status_at_second()))
+    assert {status for _, status in observed} <= {200, 401}, observed
+    late = [(sent, status) for sent, status in observed if sent > BOUND_S]
+    assert len(late) >= 5, f"too few calls after the bound to judge: {observed}"
+    assert all(status == 401 for _, status in late), late
