@@ -431,8 +431,9 @@ def finish(
     idempotency: Idempotency | None = None,
 ) -> Outcome:
     """Complete or abort a run, releasing what is left of its hold."""
+    # No PLD fill here: it would cost every completion a read before the lock for the few
+    # fit_remaining runs whose figure is still pending (the next read of the run fills it).
     principal.require("trainer")
-    _fill_pld(db, principal, run_id)  # before the lock, so the answer shows the figure
 
     def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
         assert dataset is not None
@@ -454,18 +455,6 @@ def finish(
         return 200, render(RunResult(run, view(dataset, budget), ledger.Effect.of(entry)))
 
     return write(db, operation, run_id=run_id, idempotency=idempotency)
-
-
-def _fill_pld(db: Database, principal: Principal, run_id: str) -> None:
-    """Store a visible run's PLD ε if it is still missing (outside any transaction)."""
-    with db.read() as session:
-        found = session.execute(
-            select(Run, Dataset.delta)
-            .join(Dataset, Dataset.id == Run.dataset_id)
-            .where(Run.id == run_id)
-        ).one_or_none()
-    if found is not None and principal.sees(found[0].dataset_id):
-        run_pld.fill(db, [found[0]], float(found[1]))
 
 
 def get(db: Database, principal: Principal, run_id: str) -> Run:

@@ -87,7 +87,11 @@ def test_admissions_touch_a_fixed_set_of_rows_whatever_the_history(api: Api) -> 
         found = {"plan": plan, "epoch": epoch, "release": release, "complete": complete}
         for name, statements in found.items():
             if statements or name != "complete":
-                assert sorted(statements) == sorted(expected[name]), (cycle, name, statements)
+                # The key is looked up at most once per request, and not at all while the
+                # process's key cache trusts it (LEDGER_KEY_CACHE_SECONDS).
+                assert statements.count(KEY) <= 1, (cycle, name, statements)
+                seen = sorted(s for s in statements if s != KEY)
+                assert seen == sorted(s for s in expected[name] if s != KEY), (cycle, name)
     assert trainer.get("/v1/datasets/d").json()["active_runs"] == 3
 
 
