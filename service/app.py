@@ -9,10 +9,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import secret_key
-from service.api import errors, openapi
+from service.api import errors, openapi, render
 from service.api.errors import problem
 from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
 from service.domain.keys import KeyCache
+from service.domain.pipeline import Pipeline
 from service.observability import RequestContext, configure_logging
 from service.settings import Settings, get_settings
 from service.storage.database import Database
@@ -126,6 +127,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     # Loaded (or created) before serving anything: a bad key file stops the worker here.
     app.state.fingerprint_key = secret_key.load(settings)
     app.state.db = database or Database(settings.database_url)
+    # Every write goes through it; it records answers for replays as the routes render them.
+    app.state.pipeline = Pipeline(app.state.db, render.recorded)
     # Per process (every uvicorn worker builds its own app): the revocation bound is its TTL.
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
     errors.install(app)

@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service import secret_key
     from service.domain import keys
+    from service.domain.pipeline import Pipeline
     from service.storage import migrate
     from service.storage.database import Database
 
@@ -35,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.no_migrate:
             migrate.upgrade(database.write_engine)
         if not settings.admin_key:
-            token = keys.bootstrap_admin(database)
+            token = keys.bootstrap_admin(Pipeline(database))
             if token is not None:
                 print(
                     "privacy-ledger: created the first admin key (shown once, keep it safe):\n"

@@ -57,6 +57,17 @@ LOCK_WAIT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+BATCH_SIZE = Histogram(
+    "ledger_batch_size",
+    "Admissions of one dataset decided and committed together in one write transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+BATCH_WAIT = Histogram(
+    "ledger_batch_wait_seconds",
+    "Time an admission queued in its process before its batch began.",
+    buckets=_LATENCY_BUCKETS,
+)
+
 
 @dataclass(frozen=True)
 class DatasetGauge:

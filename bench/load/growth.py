@@ -6,10 +6,10 @@ history is written in-process through the domain's public operations (`service.d
 the calls the routes make), so the chain, cached curves and idempotency records are as the
 server would have written them; only durability is relaxed while seeding (no fsync per commit;
 the server's connections keep theirs). In-process because 100,000 entries over HTTP would take
-many minutes. The operations take a `render` callback that shapes their answer; the seeder
-passes small local ones that keep only what it reads next (a run's id, the ledger's length),
-so nothing of `service.api` is imported. The server is restarted on that database for each
-size; the chain is verified at the end.
+many minutes. The operations answer typed results, and the seeder's pipeline records an empty
+answer for each Idempotency-Key (nobody replays them), so nothing of `service.api` is
+imported. The server is restarted on that database for each size; the chain is verified at
+the end.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from bench.load.workloads import (
     TARGET_EPSILON,
 )
 from service.domain import datasets, keys, releases, runs
-from service.domain.transactions import Body, Idempotency, Outcome
+from service.domain.pipeline import Idempotency, Pipeline, Replayed
 from service.storage import migrate
 from service.storage.database import Database
 
@@ -57,22 +57,14 @@ def relax_durability(db: Database) -> None:
         dbapi_connection.commit()
 
 
-def _run_id(result: runs.RunResult) -> Body:
-    return {"id": result.run.id}
+def _unreplayed(_: object) -> tuple[int, str]:
+    return 201, "{}"
 
 
-def _ledger_seq(result: runs.RunResult) -> Body:
-    return {"ledger_seq": result.dataset.ledger_seq}
-
-
-def _nothing(_: object) -> Body:
-    return {}
-
-
-def _outcome(answer: object) -> Outcome:
-    # Without dry_run an operation answers an Outcome; anything else is a change of contract.
-    if not isinstance(answer, Outcome):
-        raise TypeError(f"the domain answered {type(answer).__name__}, not an Outcome")
+def _fresh(answer: runs.Planned | runs.Finished | Replayed) -> runs.RunResult:
+    # Seeded keys are never presented twice: a replay is a change of contract.
+    if isinstance(answer, Replayed):
+        raise TypeError("the domain replayed a seeded request")
     return answer
 
 
@@ -81,6 +73,7 @@ class Seeder:
 
     def __init__(self, db: Database, dataset_id: str) -> None:
         self.db = db
+        self.pipeline = Pipeline(db, _unreplayed)
         self.dataset_id = dataset_id
         self.principal = keys.Principal(keys.BOOTSTRAP_ID, "admin")
         # σ calibrated once and given to every plan: the same curves as the HTTP mix's target
@@ -114,30 +107,29 @@ class Seeder:
     def create_dataset(self) -> None:
         """The dataset (its `dataset_created` entry is the first)."""
         spec = datasets.DatasetSpec(self.dataset_id, EPSILON_CAP, DELTA)
-        datasets.create(self.db, self.principal, spec, _nothing, self._key())
+        datasets.create(self.pipeline, self.principal, spec, self._key())
         self.entries = 1
 
     def trainer_key(self) -> str:
         """A trainer key for the measuring client (the operation adds its secret to the body)."""
-        outcome = keys.create(
-            self.db, self.principal, role="trainer", datasets=None, name="bench.load",
-            render=_nothing,
-        )  # fmt: skip
-        return str(outcome.body["key"])
+        issued = keys.create(
+            self.pipeline, self.principal, role="trainer", datasets=None, name="bench.load"
+        )
+        assert isinstance(issued, keys.KeyIssued)
+        return issued.token
 
     def until(self, entries: int) -> None:
         """Run trainer-mix cycles until the dataset has at least `entries` entries."""
-        p, db = self.principal, self.db
+        p, pipeline = self.principal, self.pipeline
         while self.entries < entries:
-            key = self._key()
-            planned = runs.create(db, p, self.dataset_id, self.plan, _run_id, idempotency=key)
-            run_id = _outcome(planned).body["id"]
+            planned = runs.create(pipeline, p, self.dataset_id, self.plan, self._key())
+            run_id = _fresh(planned).run.id
             for _ in range(EPOCHS):
-                runs.reserve_epoch(db, p, run_id, _nothing, idempotency=self._key())
+                runs.reserve_epoch(pipeline, p, run_id, self._key())
             for spec in self.releases:
-                releases.create(db, p, self.dataset_id, spec, _nothing, idempotency=self._key())
-            finished = runs.finish(db, p, run_id, "completed", _ledger_seq, idempotency=self._key())
-            self.entries = int(finished.body["ledger_seq"])
+                releases.create(pipeline, p, self.dataset_id, spec, self._key())
+            finished = runs.finish(pipeline, p, run_id, "completed", self._key())
+            self.entries = _fresh(finished).dataset.ledger_seq
         self.db.dispose()  # nothing of ours stays connected while the server runs
 
 

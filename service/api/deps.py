@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from service.domain import keys
 from service.domain.keys import KeyCache, Principal
-from service.domain.transactions import HMAC_PREFIX, Idempotency
+from service.domain.pipeline import HMAC_PREFIX, Idempotency, Pipeline
 from service.settings import Settings
 from service.storage.database import Database
 
@@ -23,6 +23,11 @@ from service.storage.database import Database
 def _database(request: Request) -> Database:
     database: Database = request.app.state.db
     return database
+
+
+def _pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
 
 
 def _settings(request: Request) -> Settings:
@@ -36,6 +41,7 @@ def _key_cache(request: Request) -> KeyCache:
 
 
 DatabaseDep = Annotated[Database, Depends(_database)]
+PipelineDep = Annotated[Pipeline, Depends(_pipeline)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 KeyCacheDep = Annotated[KeyCache, Depends(_key_cache)]
 

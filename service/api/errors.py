@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.domain import errors as domain
 from service.domain.errors import DomainError
 
 log = logging.getLogger("privacy_ledger")
@@ -27,6 +28,29 @@ _HTTP_CODES = {
     413: ("payload_too_large", "Payload too large"),
     415: ("unsupported_media_type", "Unsupported media type"),
 }
+
+
+# The HTTP status of each domain refusal (the domain itself speaks no HTTP).
+_STATUSES: dict[type[DomainError], int] = {
+    domain.InvalidRequest: 422,
+    domain.Unauthorized: 401,
+    domain.Forbidden: 403,
+    domain.NotFound: 404,
+    domain.Conflict: 409,
+    domain.BudgetExhausted: 409,
+    domain.CapBelowReserved: 409,
+    domain.DatasetFrozen: 409,
+    domain.RunNotActive: 409,
+    domain.IdempotencyConflict: 422,
+}
+
+
+def status_of(error: DomainError) -> int:
+    """The HTTP status of a domain refusal."""
+    for kind in type(error).__mro__:
+        if kind in _STATUSES:
+            return _STATUSES[kind]
+    return 400
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -60,7 +84,7 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JS
 
 def domain_problem(error: DomainError) -> dict[str, Any]:
     """The problem document of a domain refusal."""
-    return problem_body(error.status, error.code, error.title, error.detail, **error.extra)
+    return problem_body(status_of(error), error.code, error.title, error.detail, **error.extra)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -85,7 +109,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, error: DomainError) -> JSONResponse:
-        return problem(error.status, error.code, error.title, error.detail, **error.extra)
+        return problem(status_of(error), error.code, error.title, error.detail, **error.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:

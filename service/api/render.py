@@ -6,11 +6,12 @@ import json
 from datetime import datetime
 from typing import Any
 
-from service.domain.datasets import DatasetView
+from service.domain.datasets import DatasetChanged, DatasetCreated, DatasetView, Voided
+from service.domain.keys import KeyIssued, ShownKey
 from service.domain.ledger import Effect, iso
 from service.domain.releases import ReleaseResult
 from service.domain.run_pld import stored
-from service.domain.runs import EpochResult, RunResult
+from service.domain.runs import EpochResult, Finished, Planned, RunResult
 from service.storage.models import ApiKey, LedgerEntry, Run
 
 Body = dict[str, Any]
@@ -166,3 +167,40 @@ def key(row: ApiKey) -> Body:
         "created_at": iso(row.created_at),
         "revoked_at": _time(row.revoked_at),
     }
+
+
+def shown_key(shown: ShownKey) -> Body:
+    """A key as one caller may see it (its scope cut to the caller's)."""
+    return {**key(shown.key), "datasets": shown.datasets}
+
+
+def key_issued(issued: KeyIssued) -> Body:
+    """A new key with its bearer secret (this answer only)."""
+    return {**key(issued.key), "key": issued.token}
+
+
+# Each result of a write: its status and body.
+_ANSWERS: dict[type, tuple[int, Any]] = {
+    Planned: (201, run_result),
+    Finished: (200, run_result),
+    EpochResult: (201, epoch),
+    ReleaseResult: (201, release),
+    DatasetCreated: (201, lambda r: dataset(r.dataset)),
+    DatasetChanged: (200, lambda r: dataset(r.dataset)),
+    Voided: (201, lambda r: entry(r.entry)),
+    KeyIssued: (201, key_issued),
+}
+
+
+def answer(result: object) -> tuple[int, Body]:
+    """The status and body of a write's result."""
+    status, shape = _ANSWERS[type(result)]
+    return status, shape(result)
+
+
+def recorded(result: object) -> tuple[int, str]:
+    """What an Idempotency-Key's record keeps of a result, to replay it: status and JSON."""
+    status, body = answer(result)
+    # Exactly as JSONResponse renders the first answer, so a replay is the same bytes.
+    text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return status, text

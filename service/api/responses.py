@@ -1,28 +1,39 @@
-"""Outcomes of domain operations → HTTP responses."""
+"""Results of domain writes → HTTP responses (first answers, replays and dry runs)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from service.api import render
 from service.api.errors import domain_problem
-from service.domain.errors import DomainError
-from service.domain.transactions import Outcome
-
-DryRunOutcome = tuple[dict[str, Any] | None, DomainError | None]
+from service.domain.errors import REFUSALS
+from service.domain.pipeline import Replayed
 
 
-def respond(outcome: Outcome | DryRunOutcome, id_fields: tuple[str, ...] = ()) -> JSONResponse:
-    """The response for a write (replays marked) or for a dry run."""
-    if isinstance(outcome, Outcome):
-        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
-    body, refusal = outcome
-    if refusal is not None:
+def respond(result: object) -> Response:
+    """The response for a write's result, or the replay of the first answer to its key."""
+    if isinstance(result, Replayed):
+        return Response(
+            result.body,
+            status_code=result.status,
+            media_type="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
+    status, body = render.answer(result)
+    return JSONResponse(body, status_code=status)
+
+
+def dry_run(rehearse: Callable[[], object], id_fields: tuple[str, ...] = ()) -> JSONResponse:
+    """What a write would do now: its answer marked admitted (ids it would get blanked), or
+    the refusal it would get."""
+    try:
+        result = rehearse()
+    except REFUSALS as refusal:
         return JSONResponse(
             {"dry_run": True, "admitted": False, "refusal": domain_problem(refusal)}
         )
-    assert body is not None
+    _, body = render.answer(result)
     blanked = {**body, **{name: None for name in id_fields if name in body}}
     return JSONResponse({**blanked, "dry_run": True, "admitted": True})

@@ -9,7 +9,7 @@ its heavy order placed for a planned run shape), `uniform`, or explicit weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -31,8 +31,7 @@ from service.domain import holds, ledger
 from service.domain.budget import Budget, StoredShares, dumps_units, share_of
 from service.domain.errors import CapBelowReserved, Conflict, InvalidRequest, NotFound
 from service.domain.keys import Principal
-from service.domain.transactions import Body, Idempotency, Outcome, write
-from service.storage.database import Database
+from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.storage.models import Dataset, LedgerEntry, utcnow
 
 
@@ -172,21 +171,38 @@ class DatasetPatch:
     reason: str | None = None
 
 
-Render = Callable[[DatasetView], Body]
+@dataclass(frozen=True)
+class DatasetCreated:
+    """A new dataset, with its `dataset_created` entry written."""
+
+    dataset: DatasetView
+
+
+@dataclass(frozen=True)
+class DatasetChanged:
+    """A dataset after an admin's change (each changed field its own entry)."""
+
+    dataset: DatasetView
+
+
+@dataclass(frozen=True)
+class Voided:
+    """The `void` entry written for a charge."""
+
+    entry: LedgerEntry
 
 
 def create(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     spec: DatasetSpec,
-    render: Render,
     idempotency: Idempotency | None = None,
-) -> Outcome:
+) -> DatasetCreated | Replayed:
     """Create a dataset with a zero budget, its shares, and its `dataset_created` entry."""
     principal.require("admin")
     stored = choose_shares(spec)
 
-    def operation(session: Session, _: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, _: Dataset | None) -> DatasetCreated:
         if session.get(Dataset, spec.id) is not None:
             raise Conflict(f"dataset {spec.id!r} already exists")
         now = utcnow()
@@ -234,49 +250,49 @@ def create(
             ),
             now,
         )
-        return 201, render(view(dataset, budget))
+        return DatasetCreated(view(dataset, budget))
 
-    return write(db, operation, idempotency=idempotency)
+    return pipeline.submit(Admission(decide, idempotency=idempotency))
 
 
-def refresh(db: Database, dataset_id: str) -> Dataset:
+def refresh(pipeline: Pipeline, dataset_id: str) -> Dataset:
     """The dataset row, its owed corrections appended and lapsed holds expired first if it may
     have any (the lazy expiry on read); NotFound if there is no such dataset."""
-    with db.read() as session:
+    with pipeline.db.read() as session:
         dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise NotFound(f"dataset {dataset_id!r} not found")
     if not holds.due(dataset, utcnow()):
         return dataset
-    refreshed: list[Dataset] = []
 
-    def operation(session: Session, locked: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, locked: Dataset | None) -> Dataset:
         assert locked is not None
         holds.expire(session, locked, Budget.of(locked), utcnow())
-        refreshed.append(locked)
-        return 200, {}
+        return locked
 
-    write(db, operation, dataset_id=dataset_id)
-    return refreshed[0]
+    result = pipeline.submit(Admission(decide, dataset_id=dataset_id))
+    assert isinstance(result, Dataset)
+    return result
 
 
-def get(db: Database, principal: Principal, dataset_id: str) -> DatasetView:
+def get(pipeline: Pipeline, principal: Principal, dataset_id: str) -> DatasetView:
     """One dataset (expiring its lapsed holds first)."""
     principal.require("trainer", "auditor")
     principal.require_dataset(dataset_id)
-    return view(refresh(db, dataset_id))
+    return view(refresh(pipeline, dataset_id))
 
 
 def listing(
-    db: Database, principal: Principal, *, after: str | None, limit: int
+    pipeline: Pipeline, principal: Principal, *, after: str | None, limit: int
 ) -> tuple[list[DatasetView], bool]:
     """Datasets visible to the key, in id order after a cursor; and whether more follow."""
     principal.require("trainer", "auditor")
+    db = pipeline.db
     with db.read() as session:
         lapsed = holds.datasets_due(session, utcnow())
     for dataset_id in lapsed:
         if principal.sees(dataset_id):
-            refresh(db, dataset_id)
+            refresh(pipeline, dataset_id)
     with db.read() as session:
         statement = select(Dataset).order_by(Dataset.id).limit(limit + 1)
         if after:
@@ -288,18 +304,17 @@ def listing(
 
 
 def update(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     patch: DatasetPatch,
-    render: Render,
     idempotency: Idempotency | None = None,
-) -> Outcome:
+) -> DatasetChanged | Replayed:
     """Apply an admin's change; every changed field becomes its own ledger entry."""
     principal.require("admin")
     key = idempotency.key if idempotency else None
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> DatasetChanged:
         assert dataset is not None
         now = utcnow()
         holds.expire(session, dataset, Budget.of(dataset), now)
@@ -329,10 +344,10 @@ def update(
                 "description_change", principal.actor, idempotency_key=key, details=details
             )
             ledger.append(session, dataset, Budget.of(dataset), entry, now)
-        return 200, render(view(dataset))
+        return DatasetChanged(view(dataset))
 
     principal.require_dataset(dataset_id)
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
+    return pipeline.submit(Admission(decide, dataset_id=dataset_id, idempotency=idempotency))
 
 
 def _check_lower_cap(budget: Budget, epsilon_cap: float, old: float) -> None:
@@ -356,16 +371,15 @@ def _check_lower_cap(budget: Budget, epsilon_cap: float, old: float) -> None:
 
 
 def void(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     seq: int,
     reason: str,
-    render: Callable[[LedgerEntry], Body],
     idempotency: Idempotency | None = None,
     *,
     refund: bool = False,
-) -> Outcome:
+) -> Voided | Replayed:
     """Void a charge with a `void` entry (nothing is ever updated or deleted).
 
     By default the charge's cost is kept: its output (a σ, noised values) was handed out and
@@ -375,7 +389,7 @@ def void(
     """
     principal.require("admin")
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> Voided:
         assert dataset is not None
         target = session.get(LedgerEntry, (dataset_id, seq))
         if target is None:
@@ -407,30 +421,30 @@ def void(
         )
         written = ledger.append(session, dataset, budget, request, utcnow())
         ledger.note_breach(dataset, written, charged=True)
-        return 201, render(written)
+        return Voided(written)
 
     principal.require_dataset(dataset_id)
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency)
+    return pipeline.submit(Admission(decide, dataset_id=dataset_id, idempotency=idempotency))
 
 
-def verify(db: Database, principal: Principal, dataset_id: str) -> ledger.Verification:
+def verify(pipeline: Pipeline, principal: Principal, dataset_id: str) -> ledger.Verification:
     """Recompute the chain and replay the curves of a dataset."""
-    _visible_dataset(db, principal, dataset_id)
-    with db.read() as session:
+    _visible_dataset(pipeline, principal, dataset_id)
+    with pipeline.db.read() as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise NotFound(f"dataset {dataset_id!r} not found")
         return ledger.verify(session, dataset)
 
 
-def _visible_dataset(db: Database, principal: Principal, dataset_id: str) -> None:
+def _visible_dataset(pipeline: Pipeline, principal: Principal, dataset_id: str) -> None:
     principal.require("auditor")
     principal.require_dataset(dataset_id)
-    refresh(db, dataset_id)
+    refresh(pipeline, dataset_id)
 
 
 def entries_page(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     *,
@@ -440,8 +454,8 @@ def entries_page(
     run_id: str | None,
 ) -> tuple[list[LedgerEntry], bool]:
     """One page of a dataset's ledger; and whether more follow."""
-    _visible_dataset(db, principal, dataset_id)
-    with db.read() as session:
+    _visible_dataset(pipeline, principal, dataset_id)
+    with pipeline.db.read() as session:
         rows = ledger.entries(
             session, dataset_id, after=after, limit=limit + 1, kind=kind, run_id=run_id
         )
@@ -449,13 +463,18 @@ def entries_page(
 
 
 def entries_export(
-    db: Database, principal: Principal, dataset_id: str, *, kind: str | None, run_id: str | None
+    pipeline: Pipeline,
+    principal: Principal,
+    dataset_id: str,
+    *,
+    kind: str | None,
+    run_id: str | None,
 ) -> Iterator[LedgerEntry]:
     """Every matching entry, streamed from one read transaction (checked before it starts)."""
-    _visible_dataset(db, principal, dataset_id)
+    _visible_dataset(pipeline, principal, dataset_id)
 
     def generate() -> Iterator[LedgerEntry]:
-        with db.read() as session:
+        with pipeline.db.read() as session:
             yield from ledger.stream(session, dataset_id, kind=kind, run_id=run_id)
 
     return generate()

@@ -19,7 +19,6 @@ fixed rule applied to the noisy counts: post-processing).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -30,11 +29,10 @@ from sqlalchemy.orm import Session
 from accountant import calibrate
 from accountant.mechanisms import Gaussian
 from service.domain import noise, releases, samplers
-from service.domain.errors import DomainError, InvalidRequest
+from service.domain.errors import InvalidRequest
 from service.domain.keys import Principal
+from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.domain.releases import Calibrated, ReleaseResult
-from service.domain.transactions import Body, Idempotency, Outcome, rehearse, write
-from service.storage.database import Database
 from service.storage.models import Dataset
 
 __all__ = [
@@ -185,16 +183,31 @@ def noisy_argmax(counts: np.ndarray, plan: noise.NoisePlan) -> list[int]:
 
 
 def create(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     spec: ArgmaxSpec,
-    render: Callable[[ReleaseResult], Body],
-    *,
     idempotency: Idempotency | None = None,
-    dry_run: bool = False,
-) -> Outcome | tuple[Body | None, DomainError | None]:
+) -> ReleaseResult | Replayed:
     """Charge K noisy-argmax queries as one batch (all or nothing) and answer their labels."""
+    return pipeline.submit(_admission(principal, dataset_id, spec, idempotency, answered=True))
+
+
+def rehearse(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ArgmaxSpec
+) -> ReleaseResult:
+    """What `create` would charge now (no noise drawn, no labels); raises its refusal."""
+    return pipeline.rehearse(_admission(principal, dataset_id, spec, None, answered=False))
+
+
+def _admission(
+    principal: Principal,
+    dataset_id: str,
+    spec: ArgmaxSpec,
+    idempotency: Idempotency | None,
+    *,
+    answered: bool,
+) -> Admission[ReleaseResult]:
     principal.require("trainer")
     principal.require_dataset(dataset_id)
     counts = check_votes(spec.teachers, spec.votes)
@@ -202,7 +215,7 @@ def create(
     # Every consistency check before the lock; the dataset's δ only matters with noise_scale.
     calibrate_argmax(spec.epsilon, spec.delta, spec.noise_scale, 0.5, classes)
     labels: list[int] | None = None
-    if not dry_run:
+    if answered:
         # The noise plan depends on the request alone, so the labels are drawn before the
         # dataset is locked; a refusal discards them unseen, and the counts go no further.
         plan = calibrate_argmax(spec.epsilon, spec.delta, spec.noise_scale, 0.5, classes).noise
@@ -210,7 +223,7 @@ def create(
         labels = noisy_argmax(counts, plan)
     del counts
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> ReleaseResult:
         assert dataset is not None
         calibrated = calibrate_argmax(
             spec.epsilon, spec.delta, spec.noise_scale, dataset.delta, classes
@@ -247,11 +260,8 @@ def create(
                 "name": spec.name,
             },
         )
-        result = ReleaseResult(
+        return ReleaseResult(
             release, None, dataset_view, details, effect, count=histograms, labels=labels
         )
-        return 201, render(result)
 
-    if dry_run:
-        return rehearse(db, operation, dataset_id=dataset_id)
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency, admission="release")
+    return Admission(decide, dataset_id=dataset_id, idempotency=idempotency, operation="release")

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from service.domain import ledger
 from service.domain.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from service.domain.transactions import Body, Idempotency, Outcome, write
+from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.storage.database import Database
 from service.storage.models import ApiKey, Dataset, utcnow
 
@@ -237,56 +237,58 @@ def count(session: Session) -> int:
     return int(session.execute(select(func.count()).select_from(ApiKey)).scalar_one())
 
 
+@dataclass(frozen=True)
+class KeyIssued:
+    """A new key and its bearer token (shown this once, never stored)."""
+
+    key: ApiKey
+    token: str
+
+
+@dataclass(frozen=True)
+class ShownKey:
+    """A key as one caller may see it: its scope cut to the caller's own datasets."""
+
+    key: ApiKey
+    datasets: list[str] | None
+
+
 def create(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     *,
     role: str,
     datasets: list[str] | None,
     name: str | None,
-    render: Callable[[ApiKey], Body],
     idempotency: Idempotency | None = None,
-) -> Outcome:
-    """Issue a key (admin); the body carries the bearer secret, shown this once."""
+) -> KeyIssued | Replayed:
+    """Issue a key (admin); the result carries the bearer secret, shown this once."""
     principal.require("admin")
 
-    def operation(session: Session, _: object) -> tuple[int, Body]:
+    def decide(session: Session, _: object) -> KeyIssued:
         if datasets is not None:
             require_datasets_exist(session, datasets)
-        row, token = issue(session, role=role, datasets=datasets, name=name)
-        return 201, {**render(row), "key": token}
+        return KeyIssued(*issue(session, role=role, datasets=datasets, name=name))
 
-    return write(db, operation, idempotency=idempotency)
+    return pipeline.submit(Admission(decide, idempotency=idempotency))
 
 
 def revoke_key(
-    db: Database,
-    principal: Principal,
-    key_id: str,
-    render: Callable[[ApiKey], Body],
-    cache: KeyCache | None = None,
-) -> Body:
+    pipeline: Pipeline, principal: Principal, key_id: str, cache: KeyCache | None = None
+) -> ApiKey:
     """Revoke a key (admin): refused from the next request on in this process (`cache`), and
     within the cache's bound in every other worker and process."""
     principal.require("admin")
-
-    def operation(session: Session, _: object) -> tuple[int, Body]:
-        return 200, render(revoke(session, key_id))
-
-    body = write(db, operation).body
+    revoked = pipeline.submit(Admission(lambda session, _: revoke(session, key_id)))
+    assert isinstance(revoked, ApiKey)
     if cache is not None:  # after the commit: a lookup from now on reads the revoked row
         cache.forget(key_id)
-    return body
+    return revoked
 
 
 def list_keys(
-    db: Database,
-    principal: Principal,
-    *,
-    after: str | None,
-    limit: int,
-    render: Callable[[ApiKey], Body],
-) -> tuple[list[Body], bool]:
+    db: Database, principal: Principal, *, after: str | None, limit: int
+) -> tuple[list[ShownKey], bool]:
     """Keys in id order, never their secrets; and whether more follow.
 
     Admins and unscoped auditors see every key. A scoped auditor sees the keys that may act on
@@ -298,9 +300,9 @@ def list_keys(
     with db.read() as session:
         if scope is None:
             rows = listing(session, after=after, limit=limit + 1)
-            return [render(r) for r in rows[:limit]], len(rows) > limit
+            return [ShownKey(r, _scope(r)) for r in rows[:limit]], len(rows) > limit
         shown = _keys_in_scope(session, scope, after=after, wanted=limit + 1)
-        return [_within(render(r), scope) for r in shown[:limit]], len(shown) > limit
+        return [_within(r, scope) for r in shown[:limit]], len(shown) > limit
 
 
 def _keys_in_scope(
@@ -317,19 +319,23 @@ def _keys_in_scope(
     return found[:wanted]
 
 
-def _within(body: Body, scope: frozenset[str]) -> Body:
-    if body["datasets"] is None:
-        return body
-    return {**body, "datasets": sorted(scope.intersection(body["datasets"]))}
+def _scope(row: ApiKey) -> list[str] | None:
+    return list(json.loads(row.datasets)) if row.datasets is not None else None
 
 
-def bootstrap_admin(db: Database) -> str | None:
+def _within(row: ApiKey, scope: frozenset[str]) -> ShownKey:
+    datasets = _scope(row)
+    return ShownKey(row, sorted(scope.intersection(datasets)) if datasets is not None else None)
+
+
+def bootstrap_admin(pipeline: Pipeline) -> str | None:
     """On a database with no key at all, issue a first admin key and return its token."""
 
-    def operation(session: Session, _: object) -> tuple[int, Body]:
+    def decide(session: Session, _: object) -> str | None:
         if count(session) > 0:
-            return 200, {"key": None}
-        return 201, {"key": issue(session, role="admin", datasets=None, name="first admin")[1]}
+            return None
+        return issue(session, role="admin", datasets=None, name="first admin")[1]
 
-    token = write(db, operation).body["key"]
-    return str(token) if token is not None else None
+    token = pipeline.submit(Admission(decide))
+    assert not isinstance(token, Replayed)
+    return token

@@ -17,7 +17,6 @@ noisy argmax included, is admitted and written.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import lru_cache
@@ -30,11 +29,10 @@ from accountant.mechanisms import Gaussian, Laplace, Mechanism, PureDP
 from service.domain import holds, ledger, noise
 from service.domain.budget import Budget, Cost
 from service.domain.datasets import DatasetView, view
-from service.domain.errors import DomainError, InvalidRequest
+from service.domain.errors import InvalidRequest
 from service.domain.keys import Principal
+from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.domain.runs import new_id, refusal
-from service.domain.transactions import Body, Idempotency, Outcome, rehearse, write
-from service.storage.database import Database
 from service.storage.models import Dataset, Release
 
 
@@ -288,32 +286,47 @@ def noise_details(calibrated: Calibrated) -> dict[str, Any] | None:
 
 
 def create(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     spec: ReleaseSpec,
-    render: Callable[[ReleaseResult], Body],
-    *,
     idempotency: Idempotency | None = None,
-    dry_run: bool = False,
-) -> Outcome | tuple[Body | None, DomainError | None]:
+) -> ReleaseResult | Replayed:
     """Charge one release, or a batch of K, if the filter admits it; add the noise when values
     are given."""
+    return pipeline.submit(_admission(principal, dataset_id, spec, idempotency, noised=True))
+
+
+def rehearse(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ReleaseSpec
+) -> ReleaseResult:
+    """What `create` would charge now, without charging (no noise drawn); raises its refusal."""
+    return pipeline.rehearse(_admission(principal, dataset_id, spec, None, noised=False))
+
+
+def _admission(
+    principal: Principal,
+    dataset_id: str,
+    spec: ReleaseSpec,
+    idempotency: Idempotency | None,
+    *,
+    noised: bool,
+) -> Admission[ReleaseResult]:
     principal.require("trainer")
     principal.require_dataset(dataset_id)
-    noised: list[float] | None = None
+    noised_values: list[float] | None = None
     noised_batch: list[list[float]] | None = None
-    if not dry_run and (spec.values is not None or spec.batch is not None):
+    if noised and (spec.values is not None or spec.batch is not None):
         # The grid and the noise depend on the request alone (never on the dataset's δ), so the
         # values are noised before the dataset is locked; a refusal discards them unseen.
         plan = noise_plan(spec)
         if spec.values is not None:
-            noised = plan.noised(spec.values)
+            noised_values = plan.noised(spec.values)
         else:
             assert spec.batch is not None
             noised_batch = [plan.noised(vector) for vector in spec.batch]
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> ReleaseResult:
         assert dataset is not None
         calibrated = calibrate_release(spec, dataset.delta)
         release, dataset_view, effect = charge(
@@ -346,20 +359,17 @@ def create(
                 "name": spec.name,
             },
         )
-        result = ReleaseResult(
+        return ReleaseResult(
             release,
-            noised,
+            noised_values,
             dataset_view,
             noise_details(calibrated),
             effect,
             count=spec.releases,
             noised_batch=noised_batch,
         )
-        return 201, render(result)
 
-    if dry_run:
-        return rehearse(db, operation, dataset_id=dataset_id)
-    return write(db, operation, dataset_id=dataset_id, idempotency=idempotency, admission="release")
+    return Admission(decide, dataset_id=dataset_id, idempotency=idempotency, operation="release")
 
 
 def charge(

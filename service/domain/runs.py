@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -30,13 +29,12 @@ from service.domain.datasets import DatasetView, refresh, view
 from service.domain.errors import (
     BudgetExhausted,
     DatasetFrozen,
-    DomainError,
     InvalidRequest,
     NotFound,
     RunNotActive,
 )
 from service.domain.keys import Principal
-from service.domain.transactions import Body, Idempotency, Operation, Outcome, rehearse, write
+from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.storage.database import Database
 from service.storage.models import Dataset, Run
 
@@ -196,6 +194,16 @@ class RunResult:
 
 
 @dataclass(frozen=True)
+class Planned(RunResult):
+    """A run planned: its hold written."""
+
+
+@dataclass(frozen=True)
+class Finished(RunResult):
+    """A run completed or aborted: what was left of its hold released."""
+
+
+@dataclass(frozen=True)
 class EpochResult:
     """One charged epoch."""
 
@@ -242,18 +250,32 @@ def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) ->
 
 
 def create(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     spec: RunSpec,
-    render: Callable[[RunResult], Body],
-    *,
     idempotency: Idempotency | None = None,
-    dry_run: bool = False,
-) -> Outcome | tuple[Body | None, DomainError | None]:
+) -> Planned | Replayed:
     """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
+    return pipeline.submit(_plan(pipeline, principal, dataset_id, spec, idempotency))
+
+
+def rehearse_plan(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: RunSpec
+) -> Planned:
+    """What `create` would hold now, without holding it; raises its refusal."""
+    return pipeline.rehearse(_plan(pipeline, principal, dataset_id, spec, None))
+
+
+def _plan(
+    pipeline: Pipeline,
+    principal: Principal,
+    dataset_id: str,
+    spec: RunSpec,
+    idempotency: Idempotency | None,
+) -> Admission[Planned]:
     principal.require("trainer")
-    delta = _dataset_delta(db, principal, dataset_id)
+    delta = _dataset_delta(pipeline.db, principal, dataset_id)
     early = None if spec.fit_remaining else calibrate_plan(spec, delta)
     # The PLD ε alone, before the lock (memoised per shape); fit_remaining's σ is only known
     # under the lock, so its figure stays pending (both columns NULL) for the next read.
@@ -263,7 +285,7 @@ def create(
         else None
     )
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> Planned:
         assert dataset is not None
         now, budget = holds.begin(session, dataset)
         calibration = early or fit_plan(spec, budget)
@@ -315,46 +337,24 @@ def create(
             },
         )
         entry = ledger.append(session, dataset, budget, request, now)
-        return 201, render(RunResult(run, view(dataset, budget), ledger.Effect.of(entry)))
+        pipeline.remember_run(run.id, dataset.id)  # its epochs then need no lookup
+        return Planned(run, view(dataset, budget), ledger.Effect.of(entry))
 
-    return _execute(db, operation, idempotency, dry_run, "plan", dataset_id=dataset_id)
-
-
-def _execute(
-    db: Database,
-    operation: Operation,
-    idempotency: Idempotency | None,
-    dry_run: bool,
-    admission: str,
-    *,
-    dataset_id: str | None = None,
-    run_id: str | None = None,
-) -> Outcome | tuple[Body | None, DomainError | None]:
-    if dry_run:
-        return rehearse(db, operation, dataset_id=dataset_id, run_id=run_id)
-    return write(
-        db,
-        operation,
-        dataset_id=dataset_id,
-        run_id=run_id,
-        idempotency=idempotency,
-        admission=admission,
-    )
+    return Admission(decide, dataset_id=dataset_id, idempotency=idempotency, operation="plan")
 
 
-def _run_dataset(db: Database, principal: Principal, run_id: str) -> str:
+def _run_dataset(pipeline: Pipeline, principal: Principal, run_id: str) -> str:
     """The dataset of a run visible to the key (NotFound otherwise)."""
-    with db.lookup() as session:
-        dataset_id = session.execute(
-            select(Run.dataset_id).where(Run.id == run_id)
-        ).scalar_one_or_none()
+    dataset_id = pipeline.dataset_of_run(run_id)
     _require_visible(principal, dataset_id, run_id)
-    assert dataset_id is not None
     return dataset_id
 
 
 def _locked_run(session: Session, run_id: str) -> Run:
-    run = session.get(Run, run_id, populate_existing=True)
+    # The session is the write transaction's own, begun after the lock: the identity map holds
+    # only rows read under it (the pipeline loads a batch's runs in one statement), and an
+    # earlier admission of the same batch may have changed one, so no populate_existing.
+    run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"run {run_id!r} not found")
     return run
@@ -368,18 +368,26 @@ def _require_visible(principal: Principal, dataset_id: str | None, run_id: str) 
 
 
 def reserve_epoch(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     run_id: str,
-    render: Callable[[EpochResult], Body],
-    *,
     idempotency: Idempotency | None = None,
-    dry_run: bool = False,
-) -> Outcome | tuple[Body | None, DomainError | None]:
+) -> EpochResult | Replayed:
     """Charge the run's next epoch (from its hold, or beyond the plan if the filter admits it)."""
+    return pipeline.submit(_epoch(principal, run_id, idempotency))
+
+
+def rehearse_epoch(pipeline: Pipeline, principal: Principal, run_id: str) -> EpochResult:
+    """What `reserve_epoch` would charge now, without charging; raises its refusal."""
+    return pipeline.rehearse(_epoch(principal, run_id, None))
+
+
+def _epoch(
+    principal: Principal, run_id: str, idempotency: Idempotency | None
+) -> Admission[EpochResult]:
     principal.require("trainer")
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> EpochResult:
         assert dataset is not None
         _require_visible(principal, dataset.id, run_id)
         # Expire first: this very run may have lapsed, and then it is not active.
@@ -408,7 +416,7 @@ def reserve_epoch(
             details={"epoch": run.epochs_charged, "from_hold": within_plan},
         )
         entry = ledger.append(session, dataset, budget, request, now)
-        result = EpochResult(
+        return EpochResult(
             run,
             run.epochs_charged,
             not within_plan,
@@ -416,26 +424,23 @@ def reserve_epoch(
             view(dataset, budget),
             ledger.Effect.of(entry),
         )
-        return 201, render(result)
 
-    return _execute(db, operation, idempotency, dry_run, "epoch", run_id=run_id)
+    return Admission(decide, run_id=run_id, idempotency=idempotency, operation="epoch")
 
 
 def finish(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     run_id: str,
     status: str,
-    render: Callable[[RunResult], Body],
-    *,
     idempotency: Idempotency | None = None,
-) -> Outcome:
+) -> Finished | Replayed:
     """Complete or abort a run, releasing what is left of its hold."""
     # No PLD fill here: it would cost every completion a read before the lock for the few
     # fit_remaining runs whose figure is still pending (the next read of the run fills it).
     principal.require("trainer")
 
-    def operation(session: Session, dataset: Dataset | None) -> tuple[int, Body]:
+    def decide(session: Session, dataset: Dataset | None) -> Finished:
         assert dataset is not None
         _require_visible(principal, dataset.id, run_id)
         now, budget = holds.begin(session, dataset, charging=False)
@@ -452,16 +457,17 @@ def finish(
             now=now,
             idempotency_key=idempotency.key if idempotency else None,
         )
-        return 200, render(RunResult(run, view(dataset, budget), ledger.Effect.of(entry)))
+        return Finished(run, view(dataset, budget), ledger.Effect.of(entry))
 
-    return write(db, operation, run_id=run_id, idempotency=idempotency)
+    return pipeline.submit(Admission(decide, run_id=run_id, idempotency=idempotency))
 
 
-def get(db: Database, principal: Principal, run_id: str) -> Run:
+def get(pipeline: Pipeline, principal: Principal, run_id: str) -> Run:
     """One run (its dataset's lapsed holds expired first; its PLD ε computed if missing)."""
     principal.require("trainer", "auditor")
-    dataset_id = _run_dataset(db, principal, run_id)
-    refresh(db, dataset_id)
+    dataset_id = _run_dataset(pipeline, principal, run_id)
+    refresh(pipeline, dataset_id)
+    db = pipeline.db
     with db.read() as session:
         run = _locked_run(session, run_id)
         delta = session.execute(select(Dataset.delta).where(Dataset.id == dataset_id)).scalar_one()
@@ -470,7 +476,7 @@ def get(db: Database, principal: Principal, run_id: str) -> Run:
 
 
 def listing(
-    db: Database,
+    pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     *,
@@ -481,7 +487,8 @@ def listing(
     """A dataset's runs in creation order after a cursor; and whether more follow."""
     principal.require("trainer", "auditor")
     principal.require_dataset(dataset_id)
-    refresh(db, dataset_id)
+    refresh(pipeline, dataset_id)
+    db = pipeline.db
     with db.read() as session:
         statement = select(Run).where(Run.dataset_id == dataset_id).order_by(Run.id)
         if status:

@@ -86,12 +86,17 @@ class Database:
 
     @contextmanager
     def rehearsal(self) -> Iterator[Session]:
-        """A write transaction that is always rolled back (dry runs: same locks, no effect)."""
+        """A write transaction that is always rolled back (dry runs: same locks, no effect).
+
+        The rows it loaded or made are detached first, as they were at the end of the block,
+        so a dry run's result can be read after the rollback (a rollback would expire them).
+        """
         with self._queue, self._writer() as session:
             session.begin()
             try:
                 yield session
             finally:
+                session.expunge_all()
                 session.rollback()
 
     @contextmanager

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from service.api import render
 from service.api.deps import (
     CurrentKey,
-    DatabaseDep,
     IdempotencyKeyHeader,
     Limit,
+    PipelineDep,
     idempotency,
     requires,
 )
@@ -41,10 +41,10 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 def create_dataset(
     body: DatasetCreate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Create a dataset with a cap (ε, δ) and its filter's shares of δ; δ and the shares are
     fixed from then on."""
     shares = body.shares
@@ -60,15 +60,15 @@ def create_dataset(
         choice = datasets.SharesChoice(shares.profile)
     spec = datasets.DatasetSpec(body.id, body.epsilon_cap, body.delta, body.description, choice)
     scope = idempotency(request, principal, idempotency_key, body)
-    return respond(datasets.create(db, principal, spec, render.dataset, scope))
+    return respond(datasets.create(pipeline, principal, spec, scope))
 
 
 @router.get("", response_model=DatasetPage, operation_id="list_datasets", responses=READ_ERRORS)
 def list_datasets(
-    db: DatabaseDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
+    pipeline: PipelineDep, principal: CurrentKey, limit: Limit = 100, after: str | None = None
 ) -> DatasetPage:
     """Datasets this key may see, in id order (cursor: `after` = last id)."""
-    views, more = datasets.listing(db, principal, after=after, limit=limit)
+    views, more = datasets.listing(pipeline, principal, after=after, limit=limit)
     return DatasetPage.model_validate(
         {"data": [render.dataset(v) for v in views], "has_more": more}
     )
@@ -77,9 +77,11 @@ def list_datasets(
 @router.get(
     "/{dataset_id}", response_model=DatasetPublic, operation_id="get_dataset", responses=READ_ERRORS
 )
-def get_dataset(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> DatasetPublic:
+def get_dataset(dataset_id: str, pipeline: PipelineDep, principal: CurrentKey) -> DatasetPublic:
     """A dataset's cap and composed ε (spent, reserved, remaining)."""
-    return DatasetPublic.model_validate(render.dataset(datasets.get(db, principal, dataset_id)))
+    return DatasetPublic.model_validate(
+        render.dataset(datasets.get(pipeline, principal, dataset_id))
+    )
 
 
 @router.patch(
@@ -93,14 +95,14 @@ def update_dataset(
     dataset_id: str,
     body: DatasetUpdate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Raise/lower the cap, freeze/unfreeze, or change the description; each is a ledger entry.
 
     A cap lowered below what is already posted and held is refused (409 `cap_below_reserved`).
     """
     patch = datasets.DatasetPatch(body.epsilon_cap, body.frozen, body.description, body.reason)
     scope = idempotency(request, principal, idempotency_key, body)
-    return respond(datasets.update(db, principal, dataset_id, patch, render.dataset, scope))
+    return respond(datasets.update(pipeline, principal, dataset_id, patch, scope))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from service.api import render
 from service.api.deps import (
@@ -12,6 +12,7 @@ from service.api.deps import (
     IdempotencyKeyHeader,
     KeyCacheDep,
     Limit,
+    PipelineDep,
     idempotency,
     requires,
 )
@@ -33,22 +34,21 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 def create_key(
     body: KeyCreate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Issue a key; the bearer secret is in this response only."""
     scope = idempotency(request, principal, idempotency_key, body)
-    outcome = keys.create(
-        db,
+    issued = keys.create(
+        pipeline,
         principal,
         role=body.role,
         datasets=body.datasets,
         name=body.name,
-        render=render.key,
         idempotency=scope,
     )
-    return respond(outcome)
+    return respond(issued)
 
 
 @router.get("", response_model=KeyPage, operation_id="list_keys", responses=READ_ERRORS)
@@ -59,17 +59,17 @@ def list_keys(
 
     A scoped auditor sees the keys that may act on one of its datasets, each scope cut to its own.
     """
-    data, more = keys.list_keys(db, principal, after=after, limit=limit, render=render.key)
-    return KeyPage.model_validate({"data": data, "has_more": more})
+    shown, more = keys.list_keys(db, principal, after=after, limit=limit)
+    return KeyPage.model_validate({"data": [render.shown_key(k) for k in shown], "has_more": more})
 
 
 @router.delete(
     "/{key_id}", response_model=KeyPublic, operation_id="revoke_key", responses=READ_ERRORS
 )
 def revoke_key(
-    key_id: str, db: DatabaseDep, cache: KeyCacheDep, principal: CurrentKey
+    key_id: str, pipeline: PipelineDep, cache: KeyCacheDep, principal: CurrentKey
 ) -> KeyPublic:
     """Revoke a key: refused from the next request on by the worker that answers, and within
     `LEDGER_KEY_CACHE_SECONDS` (default 1 s) by every other worker and process."""
-    revoked = keys.revoke_key(db, principal, key_id, render.key, cache)
-    return KeyPublic.model_validate(revoked)
+    revoked = keys.revoke_key(pipeline, principal, key_id, cache)
+    return KeyPublic.model_validate(render.key(revoked))

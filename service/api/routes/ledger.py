@@ -9,14 +9,14 @@ from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from service.api import render
 from service.api.deps import (
     CurrentKey,
-    DatabaseDep,
     IdempotencyKeyHeader,
     Limit,
+    PipelineDep,
     idempotency,
     requires,
 )
@@ -97,7 +97,7 @@ CSV_CONTENT = {
 )
 def list_ledger(
     dataset_id: str,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     limit: Limit = 100,
     after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
@@ -114,21 +114,25 @@ def list_ledger(
     """
     wants_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
     if wants_csv:
-        return _csv_export(db, principal, dataset_id, kind, run_id)
+        return _csv_export(pipeline, principal, dataset_id, kind, run_id)
     if format == "export":
-        entries = datasets.entries_export(db, principal, dataset_id, kind=kind, run_id=run_id)
+        entries = datasets.entries_export(pipeline, principal, dataset_id, kind=kind, run_id=run_id)
         headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.json"'}
         return StreamingResponse(_json(entries), media_type="application/json", headers=headers)
     rows, more = datasets.entries_page(
-        db, principal, dataset_id, after=after, limit=limit, kind=kind, run_id=run_id
+        pipeline, principal, dataset_id, after=after, limit=limit, kind=kind, run_id=run_id
     )
     return EntryPage.model_validate({"data": [render.entry(r) for r in rows], "has_more": more})
 
 
 def _csv_export(
-    db: DatabaseDep, principal: CurrentKey, dataset_id: str, kind: str | None, run_id: str | None
+    pipeline: PipelineDep,
+    principal: CurrentKey,
+    dataset_id: str,
+    kind: str | None,
+    run_id: str | None,
 ) -> StreamingResponse:
-    entries = datasets.entries_export(db, principal, dataset_id, kind=kind, run_id=run_id)
+    entries = datasets.entries_export(pipeline, principal, dataset_id, kind=kind, run_id=run_id)
     headers = {"Content-Disposition": f'attachment; filename="{dataset_id}-ledger.csv"'}
     return StreamingResponse(_csv(entries), media_type="text/csv", headers=headers)
 
@@ -144,22 +148,22 @@ def _csv_export(
 )
 def export_ledger_csv(
     dataset_id: str,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     kind: Kind | None = None,
     run_id: str | None = None,
 ) -> StreamingResponse:
     """Every matching entry as CSV, in seq order (the same as `format=csv` on the ledger)."""
-    return _csv_export(db, principal, dataset_id, kind, run_id)
+    return _csv_export(pipeline, principal, dataset_id, kind, run_id)
 
 
 @router.get(
     "/verify", response_model=VerifyPublic, operation_id="verify_ledger", responses=READ_ERRORS
 )
-def verify_ledger(dataset_id: str, db: DatabaseDep, principal: CurrentKey) -> VerifyPublic:
+def verify_ledger(dataset_id: str, pipeline: PipelineDep, principal: CurrentKey) -> VerifyPublic:
     """Recompute the hash chain, replay the curves against the dataset's cached state, and check
     its cached active-run count and lease bound against its runs."""
-    result = datasets.verify(db, principal, dataset_id)
+    result = datasets.verify(pipeline, principal, dataset_id)
     return VerifyPublic.model_validate(result, from_attributes=True)
 
 
@@ -176,17 +180,16 @@ def void_charge(
     seq: Annotated[int, Path(ge=1, le=MAX_SEQ)],
     body: VoidCreate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Void a charge (admin): a `void` entry with a reason; nothing is edited.
 
     The charge's cost is kept unless `refund` is true; a refund subtracts it and puts the
     dataset outside the filter's guarantee from then on (`outside_guarantee`).
     """
     scope = idempotency(request, principal, idempotency_key, body)
-    outcome = datasets.void(
-        db, principal, dataset_id, seq, body.reason, render.entry, scope, refund=body.refund
+    return respond(
+        datasets.void(pipeline, principal, dataset_id, seq, body.reason, scope, refund=body.refund)
     )
-    return respond(outcome)

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
-from service.api import render
 from service.api.deps import (
     CurrentKey,
-    DatabaseDep,
     DryRun,
     IdempotencyKeyHeader,
+    PipelineDep,
     idempotency,
     requires,
 )
+from service.api.responses import dry_run as rehearsal
 from service.api.responses import respond
 from service.api.schemas import RELEASE_DRY_RUN, ReleaseCreate, ReleasePublic, problems
 from service.domain import inference, releases
 
 router = APIRouter(tags=["releases"])
+# What a dry run does not have: the release's id and its entry.
+_BLANKED = ("id", "ledger_seq")
 
 
 @router.post(
@@ -33,11 +35,11 @@ def create_release(
     dataset_id: str,
     body: ReleaseCreate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRun = False,
-) -> JSONResponse:
+) -> Response:
     """Charge a Gaussian, Laplace or pure-DP release (with `values` or `batch` the service adds
     the noise; `count` charges K at once), or K noisy-argmax queries answered by label only."""
     keyed = None if dry_run else idempotency(request, principal, idempotency_key, body)
@@ -51,10 +53,11 @@ def create_release(
             noise_scale=body.noise_scale,
             name=body.name,
         )
-        outcome = inference.create(
-            db, principal, dataset_id, query, render.release, idempotency=keyed, dry_run=dry_run
-        )
-        return respond(outcome, id_fields=("id", "ledger_seq"))
+        if dry_run:
+            return rehearsal(
+                lambda: inference.rehearse(pipeline, principal, dataset_id, query), _BLANKED
+            )
+        return respond(inference.create(pipeline, principal, dataset_id, query, keyed))
     spec = releases.ReleaseSpec(
         mechanism=body.mechanism,
         sensitivity=body.sensitivity,
@@ -66,7 +69,6 @@ def create_release(
         count=body.count,
         batch=body.batch,
     )
-    outcome = releases.create(
-        db, principal, dataset_id, spec, render.release, idempotency=keyed, dry_run=dry_run
-    )
-    return respond(outcome, id_fields=("id", "ledger_seq"))
+    if dry_run:
+        return rehearsal(lambda: releases.rehearse(pipeline, principal, dataset_id, spec), _BLANKED)
+    return respond(releases.create(pipeline, principal, dataset_id, spec, keyed))

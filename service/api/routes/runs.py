@@ -5,18 +5,19 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from service.api import render
 from service.api.deps import (
     CurrentKey,
-    DatabaseDep,
     DryRun,
     IdempotencyKeyHeader,
     Limit,
+    PipelineDep,
     idempotency,
     requires,
 )
+from service.api.responses import dry_run as rehearsal
 from service.api.responses import respond
 from service.api.schemas import (
     EPOCH_DRY_RUN,
@@ -48,11 +49,11 @@ def create_run(
     dataset_id: str,
     body: RunCreate,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRun = False,
-) -> JSONResponse:
+) -> Response:
     """Plan a run: the ledger calibrates σ (for target_epsilon, or the smallest that fits what
     remains with fit_remaining), or takes it, and holds the whole plan."""
     settings: Settings = request.app.state.settings
@@ -68,16 +69,10 @@ def create_run(
         lease_seconds=body.lease_seconds or settings.default_lease_seconds,
         fit_remaining=bool(body.fit_remaining),
     )
-    outcome = runs.create(
-        db,
-        principal,
-        dataset_id,
-        spec,
-        render.run_result,
-        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, body),
-        dry_run=dry_run,
-    )
-    return respond(outcome, id_fields=("id",))
+    if dry_run:
+        return rehearsal(lambda: runs.rehearse_plan(pipeline, principal, dataset_id, spec), ("id",))
+    keyed = idempotency(request, principal, idempotency_key, body)
+    return respond(runs.create(pipeline, principal, dataset_id, spec, keyed))
 
 
 @router.get(
@@ -88,23 +83,25 @@ def create_run(
 )
 def list_runs(
     dataset_id: str,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     status: Literal["active", "completed", "aborted", "expired"] | None = None,
     limit: Limit = 100,
     after: str | None = None,
 ) -> RunPage:
     """A dataset's runs in creation order (cursor: `after` = last run id)."""
-    rows, more = runs.listing(db, principal, dataset_id, status=status, after=after, limit=limit)
+    rows, more = runs.listing(
+        pipeline, principal, dataset_id, status=status, after=after, limit=limit
+    )
     return RunPage.model_validate({"data": [render.run(r) for r in rows], "has_more": more})
 
 
 @router.get(
     "/v1/runs/{run_id}", response_model=RunPublic, operation_id="get_run", responses=READ_ERRORS
 )
-def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
+def get_run(run_id: str, pipeline: PipelineDep, principal: CurrentKey) -> RunPublic:
     """A run."""
-    return RunPublic.model_validate(render.run(runs.get(db, principal, run_id)))
+    return RunPublic.model_validate(render.run(runs.get(pipeline, principal, run_id)))
 
 
 @router.post(
@@ -117,33 +114,28 @@ def get_run(run_id: str, db: DatabaseDep, principal: CurrentKey) -> RunPublic:
 def reserve_epoch(
     run_id: str,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
     dry_run: DryRun = False,
-) -> JSONResponse:
+) -> Response:
     """Charge the next epoch and get the σ to use; renews the run's lease."""
-    outcome = runs.reserve_epoch(
-        db,
-        principal,
-        run_id,
-        render.epoch,
-        idempotency=None if dry_run else idempotency(request, principal, idempotency_key, None),
-        dry_run=dry_run,
-    )
-    return respond(outcome, id_fields=("ledger_seq",))
+    if dry_run:
+        return rehearsal(lambda: runs.rehearse_epoch(pipeline, principal, run_id), ("ledger_seq",))
+    keyed = idempotency(request, principal, idempotency_key, None)
+    return respond(runs.reserve_epoch(pipeline, principal, run_id, keyed))
 
 
 def _finish(
     status: str,
     run_id: str,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     key: str | None,
-) -> JSONResponse:
+) -> Response:
     scope = idempotency(request, principal, key, None)
-    return respond(runs.finish(db, principal, run_id, status, render.run_result, idempotency=scope))
+    return respond(runs.finish(pipeline, principal, run_id, status, scope))
 
 
 @router.post(
@@ -155,12 +147,12 @@ def _finish(
 def complete_run(
     run_id: str,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Finish a run normally; what is left of its hold is released."""
-    return _finish("completed", run_id, request, db, principal, idempotency_key)
+    return _finish("completed", run_id, request, pipeline, principal, idempotency_key)
 
 
 @router.post(
@@ -172,9 +164,9 @@ def complete_run(
 def abort_run(
     run_id: str,
     request: Request,
-    db: DatabaseDep,
+    pipeline: PipelineDep,
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     """Stop a run early; spent epochs stay spent, the rest of the hold is released."""
-    return _finish("aborted", run_id, request, db, principal, idempotency_key)
+    return _finish("aborted", run_id, request, pipeline, principal, idempotency_key)

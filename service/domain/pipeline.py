@@ -1,0 +1,364 @@
+"""The admission pipeline: every write transaction of the domain runs here.
+
+An operation is an `Admission`: a typed `decide(session, dataset)` that returns a typed
+result or raises a typed refusal (`service.domain.errors`), with what to lock (a dataset,
+or the dataset of a run) and the request's Idempotency-Key. The pipeline owns the
+transaction around it: lock the dataset, replay or refuse a reused key, decide, store the
+idempotency record, commit. No answer leaves before its commit.
+
+Combined commits (flat combining, group commit). Admissions of one dataset that arrive
+together in one process queue on that dataset's lane; the first to find the lane idle
+leads: it takes every queued admission (up to `max_batch`), locks the dataset once,
+decides them one after another in arrival order — each against the state the previous
+ones left — stores each one's entry and idempotency record, and commits them together.
+Then it hands the lane to the next queued admission, which leads the next batch. Across
+worker processes and replicas the dataset's row lock (`SELECT … FOR UPDATE`; SQLite's
+write lock) still serialises the batches, so nothing may overspend.
+
+One admission's refusal or bad input never fails another: every `decide` checks before it
+changes anything, so a refusal leaves the batch's state as it found it (the tests plant
+refusals among admitted requests). An unexpected error, or a unique-key race with another
+process at commit, rolls the whole batch back; each of its admissions is then decided
+again in a transaction of its own, so the failure stays with the one that caused it.
+
+Idempotency records store what the HTTP layer made of the first result (`Record`, given
+when the pipeline is built; the CLI's has none and takes no keys): the domain keeps them
+opaque and hands them back as `Replayed`. Two requests with one key in one batch: the
+second is the first's replay (or an `IdempotencyConflict` if its request differs), as if
+they had come one after another.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import metrics
+from service.domain.errors import REFUSALS, Conflict, DomainError, IdempotencyConflict, NotFound
+from service.storage.database import Database
+from service.storage.models import Dataset, IdempotencyRecord, Run, utcnow
+
+R = TypeVar("R")
+
+# Marks a keyed fingerprint; a stored fingerprint without it is a legacy unkeyed SHA-256 (hex).
+HMAC_PREFIX = "hmac-sha256:"
+# Admissions decided in one transaction at most: a bound on how long the last one waits.
+MAX_BATCH = 64
+# Runs whose dataset is remembered (a run never changes dataset): a lookup saved per epoch.
+_RUN_CACHE = 65_536
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key as presented by one API key, with the request's fingerprints.
+
+    `request_hash` (keyed, HMAC_PREFIX) is what is stored; `legacy_hash` (the unkeyed SHA-256
+    of the same request) is only compared with records written before fingerprints were keyed.
+    """
+
+    holder: str
+    key: str
+    request_hash: str
+    legacy_hash: str
+
+    def matches(self, stored: str) -> bool:
+        """Whether a stored fingerprint is this request's (keyed or legacy)."""
+        mine = self.request_hash if stored.startswith(HMAC_PREFIX) else self.legacy_hash
+        return hmac.compare_digest(stored.encode(), mine.encode())
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The first answer to an Idempotency-Key, as the HTTP layer recorded it (opaque here)."""
+
+    status: int
+    body: str
+
+
+# What the HTTP layer records of a result for replays: (status, JSON text).
+Record = Callable[[object], tuple[int, str]]
+
+
+@dataclass(frozen=True)
+class Admission(Generic[R]):
+    """One write: what to lock, the key it may replay, and the decision itself.
+
+    `decide` gets the locked dataset (None when neither `dataset_id` nor `run_id` is given)
+    and returns the typed result or raises a DomainError; it must raise before it changes
+    anything. `operation` names it for the metrics (plan, epoch, release), if it is one of
+    the budget admissions.
+    """
+
+    decide: Callable[[Session, Dataset | None], R]
+    dataset_id: str | None = None
+    run_id: str | None = None
+    idempotency: Idempotency | None = None
+    operation: str | None = None
+
+
+@dataclass
+class _Ticket(Generic[R]):
+    admission: Admission[R]
+    queued_at: float = field(default_factory=time.perf_counter)
+    ready: threading.Event = field(default_factory=threading.Event)
+    leads: bool = False
+    result: R | Replayed | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def outcome(self) -> R | Replayed:
+        if self.error is not None:
+            raise self.error
+        assert self.done
+        return self.result  # type: ignore[return-value]
+
+
+@dataclass
+class _Lane:
+    waiting: list[_Ticket[object]] = field(default_factory=list)
+    busy: bool = False
+
+
+class Pipeline:
+    """The one place write transactions happen (see the module's docstring)."""
+
+    def __init__(
+        self, db: Database, record: Record | None = None, *, max_batch: int = MAX_BATCH
+    ) -> None:
+        self.db = db
+        self.record = record
+        self.max_batch = max_batch
+        self._mutex = threading.Lock()
+        self._lanes: dict[str, _Lane] = {}
+        self._run_datasets: dict[str, str] = {}
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def submit(self, admission: Admission[R]) -> R | Replayed:
+        """Decide and commit `admission` (combined with others of its dataset); its result, or
+        the first answer to its Idempotency-Key; raises its refusal."""
+        if admission.dataset_id is None and admission.run_id is None:
+            return self._alone(admission)
+        dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
+        ticket: _Ticket[R] = _Ticket(admission)
+        with self._mutex:
+            lane = self._lanes.setdefault(dataset_id, _Lane())
+            lane.waiting.append(ticket)  # type: ignore[arg-type]
+            ticket.leads = not lane.busy
+            lane.busy = True
+        if not ticket.leads:
+            ticket.ready.wait()
+        if not ticket.done:  # this thread leads the next batch, which includes its own ticket
+            self._lead(dataset_id, lane)
+        return ticket.outcome()
+
+    def rehearse(self, admission: Admission[R]) -> R:
+        """Decide `admission` as a dry run: under the same lock, then rolled back.
+
+        The verdict is the one the real call would get now; its refusal is raised.
+        """
+        with self.db.rehearsal() as session:
+            dataset = self._lock(session, admission)
+            return admission.decide(session, dataset)
+
+    def dataset_of_run(self, run_id: str) -> str:
+        """The dataset a run belongs to (NotFound if there is no such run); remembered."""
+        known = self._run_datasets.get(run_id)
+        if known is not None:
+            return known
+        with self.db.lookup() as session:
+            found = session.execute(
+                select(Run.dataset_id).where(Run.id == run_id)
+            ).scalar_one_or_none()
+        if found is None:
+            raise NotFound(f"run {run_id!r} not found")
+        self.remember_run(run_id, found)
+        return found
+
+    def remember_run(self, run_id: str, dataset_id: str) -> None:
+        """Note a run's dataset (a plan notes its new run: its epochs need no lookup)."""
+        with self._mutex:
+            if len(self._run_datasets) >= _RUN_CACHE:
+                self._run_datasets.clear()
+            self._run_datasets[run_id] = dataset_id
+
+    # -- combining ----------------------------------------------------------------------------
+
+    def _lead(self, dataset_id: str, lane: _Lane) -> None:
+        with self._mutex:
+            batch = lane.waiting[: self.max_batch]
+            del lane.waiting[: self.max_batch]
+        started = time.perf_counter()
+        metrics.BATCH_SIZE.observe(len(batch))
+        for ticket in batch:
+            metrics.BATCH_WAIT.observe(started - ticket.queued_at)
+        try:
+            self._combined(dataset_id, batch)
+        except IntegrityError:
+            # A unique-key race with another process (two first uses of one Idempotency-Key):
+            # each decided again alone, where the retry finds the winner's record.
+            self._one_by_one(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+            else:  # keep the failure with the admission that caused it
+                self._one_by_one(batch)
+        finally:
+            for ticket in batch:
+                ticket.done = True
+            with self._mutex:
+                if lane.waiting:
+                    successor = lane.waiting[0]
+                    successor.leads = True
+                    successor.ready.set()
+                else:
+                    lane.busy = False
+                    self._lanes.pop(dataset_id, None)
+            for ticket in batch:
+                ticket.ready.set()
+
+    def _one_by_one(self, batch: list[_Ticket[object]]) -> None:
+        for ticket in batch:
+            ticket.result, ticket.error = None, None
+            try:
+                ticket.result = self._alone(ticket.admission)
+            except Exception as exc:
+                _fail(ticket, exc)
+
+    def _combined(self, dataset_id: str, batch: list[_Ticket[object]]) -> None:
+        """Decide every ticket under one lock and commit them together."""
+        started = time.perf_counter()
+        with self.db.write() as session:
+            dataset = self.db.lock_dataset(session, dataset_id)
+            metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+            if dataset is None:
+                for ticket in batch:
+                    _fail(ticket, _missing(ticket.admission))
+                return
+            records = _stored_records(session, batch)
+            run_ids = [t.admission.run_id for t in batch if t.admission.run_id is not None]
+            if run_ids:  # one statement loads every run the batch touches
+                statement = select(Run).where(Run.id.in_(sorted(set(run_ids))))
+                # Held for the transaction: the identity map only keeps rows referenced.
+                session.info["batch_runs"] = session.execute(statement).scalars().all()
+            for ticket in batch:
+                ticket.result, ticket.error = None, None
+                try:
+                    ticket.result = self._decide(session, dataset, ticket.admission, records)
+                except DomainError as refusal:
+                    ticket.error = refusal
+
+    # -- one admission ------------------------------------------------------------------------
+
+    def _alone(self, admission: Admission[R]) -> R | Replayed:
+        """One admission in its own transaction, retried once after a unique-key race."""
+        for attempt in (1, 2):
+            try:
+                with self.db.write() as session:
+                    started = time.perf_counter()
+                    dataset = self._lock(session, admission)
+                    if dataset is not None:
+                        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+                    single = [_Ticket(admission)]
+                    records = _stored_records(session, single)  # type: ignore[arg-type]
+                    return self._decide(session, dataset, admission, records)
+            except IntegrityError:
+                if attempt == 2:
+                    raise Conflict(
+                        "the request conflicts with a concurrent one; retry it"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _decide(
+        self,
+        session: Session,
+        dataset: Dataset | None,
+        admission: Admission[R],
+        records: dict[tuple[str, str], tuple[str, int, str]],
+    ) -> R | Replayed:
+        keyed = admission.idempotency
+        if keyed is not None:
+            prior = records.get((keyed.holder, keyed.key))
+            if prior is not None:
+                fingerprint, status, body = prior
+                if not keyed.matches(fingerprint):
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was already used for a different request",
+                        idempotency_key=keyed.key,
+                    )
+                metrics.REPLAYS.inc()
+                return Replayed(status, body)
+        try:
+            result = admission.decide(session, dataset)
+        except REFUSALS as refusal:
+            if admission.operation is not None:
+                metrics.admission(admission.operation, refusal.code)
+            raise
+        if admission.operation is not None:
+            metrics.admission(admission.operation, "admitted")
+        if keyed is not None:
+            if self.record is None:
+                raise TypeError("this pipeline records no answers: it takes no Idempotency-Key")
+            status, body = self.record(result)
+            session.add(
+                IdempotencyRecord(
+                    holder=keyed.holder,
+                    key=keyed.key,
+                    request_hash=keyed.request_hash,
+                    status_code=status,
+                    response_body=body,
+                    created_at=utcnow(),
+                )
+            )
+            records[(keyed.holder, keyed.key)] = (keyed.request_hash, status, body)
+        return result
+
+    def _lock(self, session: Session, admission: Admission[R]) -> Dataset | None:
+        if admission.dataset_id is None and admission.run_id is None:
+            return None
+        dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
+        dataset = self.db.lock_dataset(session, dataset_id)
+        if dataset is None:
+            raise _missing(admission)
+        return dataset
+
+
+def _missing(admission: Admission[R]) -> NotFound:
+    if admission.run_id is not None and admission.dataset_id is None:
+        return NotFound(f"run {admission.run_id!r} not found")
+    return NotFound(f"dataset {admission.dataset_id!r} not found")
+
+
+def _fail(ticket: _Ticket[R], error: BaseException) -> None:
+    ticket.result, ticket.error = None, error
+
+
+def _stored_records(
+    session: Session, batch: list[_Ticket[object]]
+) -> dict[tuple[str, str], tuple[str, int, str]]:
+    """The stored records of every Idempotency-Key in the batch, in one statement."""
+    wanted = {
+        (t.admission.idempotency.holder, t.admission.idempotency.key)
+        for t in batch
+        if t.admission.idempotency is not None
+    }
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(
+            IdempotencyRecord.holder,
+            IdempotencyRecord.key,
+            IdempotencyRecord.request_hash,
+            IdempotencyRecord.status_code,
+            IdempotencyRecord.response_body,
+        ).where(tuple_(IdempotencyRecord.holder, IdempotencyRecord.key).in_(sorted(wanted)))
+    )
+    return {(r.holder, r.key): (r.request_hash, r.status_code, r.response_body) for r in rows}
