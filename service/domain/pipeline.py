@@ -6,14 +6,17 @@ or the dataset of a run) and the request's Idempotency-Key. The pipeline owns th
 transaction around it: lock the dataset, replay or refuse a reused key, decide, store the
 idempotency record, commit. No answer leaves before its commit.
 
-Combined commits (flat combining, group commit). Admissions of one dataset that arrive
-together in one process queue on that dataset's lane; the first to find the lane idle
-leads: it takes every queued admission (up to `max_batch`), locks the dataset once,
-decides them one after another in arrival order — each against the state the previous
-ones left — stores each one's entry and idempotency record, and commits them together.
-Then it hands the lane to the next queued admission, which leads the next batch. Across
-worker processes and replicas the dataset's row lock (`SELECT … FOR UPDATE`; SQLite's
-write lock) still serialises the batches, so nothing may overspend.
+Combined commits (flat combining, group commit). Admissions that arrive together in one
+process queue on its lane; the first to find the lane idle leads: it takes every queued
+admission (up to `max_batch`), locks their datasets in one statement (in id order, so two
+batches never deadlock), decides them one after another in arrival order — each against
+the state the previous ones of its dataset left — stores each one's entry and idempotency
+record, and commits them together. Then it hands the lane to the next queued admission,
+which leads the next batch. One batch spans datasets: with many datasets and a few
+trainers each, batches per dataset would stay small, while the round trips and the commit
+are what a batch shares. Across worker processes and replicas the datasets' row locks
+(`SELECT … FOR UPDATE`; SQLite's write lock) still serialise the batches, so nothing may
+overspend; each admission still reads and writes its own dataset's rows only.
 
 One admission's refusal or bad input never fails another: every `decide` checks before it
 changes anything, so a refusal leaves the batch's state as it found it (the tests plant
@@ -107,6 +110,7 @@ class Admission(Generic[R]):
 @dataclass
 class _Ticket(Generic[R]):
     admission: Admission[R]
+    dataset_id: str
     queued_at: float = field(default_factory=time.perf_counter)
     ready: threading.Event = field(default_factory=threading.Event)
     leads: bool = False
@@ -137,7 +141,7 @@ class Pipeline:
         self.record = record
         self.max_batch = max_batch
         self._mutex = threading.Lock()
-        self._lanes: dict[str, _Lane] = {}
+        self._lane = _Lane()
         self._run_datasets: dict[str, str] = {}
 
     # -- entry points -------------------------------------------------------------------------
@@ -148,16 +152,16 @@ class Pipeline:
         if admission.dataset_id is None and admission.run_id is None:
             return self._alone(admission)
         dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
-        ticket: _Ticket[R] = _Ticket(admission)
+        ticket: _Ticket[R] = _Ticket(admission, dataset_id)
+        lane = self._lane
         with self._mutex:
-            lane = self._lanes.setdefault(dataset_id, _Lane())
             lane.waiting.append(ticket)  # type: ignore[arg-type]
             ticket.leads = not lane.busy
             lane.busy = True
         if not ticket.leads:
             ticket.ready.wait()
         if not ticket.done:  # this thread leads the next batch, which includes its own ticket
-            self._lead(dataset_id, lane)
+            self._lead(lane)
         return ticket.outcome()
 
     def rehearse(self, admission: Admission[R]) -> R:
@@ -192,7 +196,7 @@ class Pipeline:
 
     # -- combining ----------------------------------------------------------------------------
 
-    def _lead(self, dataset_id: str, lane: _Lane) -> None:
+    def _lead(self, lane: _Lane) -> None:
         with self._mutex:
             batch = lane.waiting[: self.max_batch]
             del lane.waiting[: self.max_batch]
@@ -201,7 +205,7 @@ class Pipeline:
         for ticket in batch:
             metrics.BATCH_WAIT.observe(started - ticket.queued_at)
         try:
-            self._combined(dataset_id, batch)
+            self._combined(batch)
         except IntegrityError:
             # A unique-key race with another process (two first uses of one Idempotency-Key):
             # each decided again alone, where the retry finds the winner's record.
@@ -221,7 +225,6 @@ class Pipeline:
                     successor.ready.set()
                 else:
                     lane.busy = False
-                    self._lanes.pop(dataset_id, None)
             for ticket in batch:
                 ticket.ready.set()
 
@@ -233,16 +236,12 @@ class Pipeline:
             except Exception as exc:
                 _fail(ticket, exc)
 
-    def _combined(self, dataset_id: str, batch: list[_Ticket[object]]) -> None:
-        """Decide every ticket under one lock and commit them together."""
+    def _combined(self, batch: list[_Ticket[object]]) -> None:
+        """Decide every ticket under its dataset's lock and commit them together."""
         started = time.perf_counter()
         with self.db.write() as session:
-            dataset = self.db.lock_dataset(session, dataset_id)
+            locked = self.db.lock_datasets(session, sorted({t.dataset_id for t in batch}))
             metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-            if dataset is None:
-                for ticket in batch:
-                    _fail(ticket, _missing(ticket.admission))
-                return
             records = _stored_records(session, batch)
             run_ids = [t.admission.run_id for t in batch if t.admission.run_id is not None]
             if run_ids:  # one statement loads every run the batch touches
@@ -251,7 +250,10 @@ class Pipeline:
                 session.info["batch_runs"] = session.execute(statement).scalars().all()
             for ticket in batch:
                 ticket.result, ticket.error = None, None
+                dataset = locked.get(ticket.dataset_id)
                 try:
+                    if dataset is None:
+                        raise _missing(ticket.admission)
                     ticket.result = self._decide(session, dataset, ticket.admission, records)
                 except DomainError as refusal:
                     ticket.error = refusal
@@ -267,7 +269,7 @@ class Pipeline:
                     dataset = self._lock(session, admission)
                     if dataset is not None:
                         metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-                    single = [_Ticket(admission)]
+                    single = [_Ticket(admission, "")]
                     records = _stored_records(session, single)  # type: ignore[arg-type]
                     return self._decide(session, dataset, admission, records)
             except IntegrityError:

@@ -46,7 +46,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from service.storage.models import Dataset, Run
+from service.storage.models import Dataset
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 IDLE_PING_S = 2.0
@@ -121,20 +121,18 @@ class Database:
         with self.read() as session:
             session.execute(text("SELECT 1"))
 
-    def lock_dataset(
-        self, session: Session, dataset_id: str | None = None, *, run_id: str | None = None
-    ) -> Dataset | None:
-        """The dataset row — by its id, or as the dataset of a run — locked for the rest of this
-        write transaction (None if absent)."""
-        if run_id is not None:
-            of_run = select(Run.dataset_id).where(Run.id == run_id).scalar_subquery()
-            statement = select(Dataset).where(Dataset.id == of_run)
-        else:
-            statement = select(Dataset).where(Dataset.id == dataset_id)
+    def lock_dataset(self, session: Session, dataset_id: str) -> Dataset | None:
+        """The dataset row, locked for the rest of this write transaction (None if absent)."""
+        return self.lock_datasets(session, [dataset_id]).get(dataset_id)
+
+    def lock_datasets(self, session: Session, dataset_ids: list[str]) -> dict[str, Dataset]:
+        """The dataset rows of `dataset_ids` (those that exist), locked for the rest of this
+        write transaction in id order, so two transactions that lock several never deadlock."""
+        statement = select(Dataset).where(Dataset.id.in_(dataset_ids)).order_by(Dataset.id)
         if not self.is_sqlite:  # SQLite: BEGIN IMMEDIATE already holds the write lock
             statement = statement.with_for_update()
-        statement = statement.execution_options(populate_existing=True)
-        return session.execute(statement).scalar_one_or_none()
+        rows = session.execute(statement.execution_options(populate_existing=True)).scalars()
+        return {row.id: row for row in rows}
 
     def dispose(self) -> None:
         """Close every pooled connection."""
