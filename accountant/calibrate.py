@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -160,7 +161,7 @@ def fit_remaining(
     (relative) of the smallest admitted σ. The plan is not pure ε-DP, so only RDP members
     can admit it. ValueError when no σ up to SIGMA_MAX fits, or any σ down to SIGMA_MIN does.
     """
-    sigma = _fit(privacy_filter, total_units, sample_rate, steps_per_epoch, epochs)
+    sigma = sigma_that_fits(privacy_filter, total_units, sample_rate, steps_per_epoch, epochs)
     if sigma is None:
         raise ValueError(
             f"the plan cannot fit: even a noise multiplier of {SIGMA_MAX:g} exceeds what "
@@ -176,13 +177,19 @@ def sigma_that_fits(
     steps_per_epoch: int,
     epochs: int,
 ) -> float | None:
-    """For a refusal: the smallest σ with which the plan would fit (`fit_remaining`), or None."""
-    return _fit(privacy_filter, total_units, sample_rate, steps_per_epoch, epochs)
+    """For a refusal: the smallest σ with which the plan would fit (`fit_remaining`), or None.
+
+    Memoised on its exact inputs: a dataset at its cap refuses plan after plan from the same
+    state, and each search costs milliseconds (under the dataset's lock).
+    """
+    units = tuple(int(u) for u in total_units)
+    return _fit(privacy_filter, units, sample_rate, steps_per_epoch, epochs)
 
 
+@lru_cache(maxsize=1024)
 def _fit(
     privacy_filter: MemberFilter,
-    total_units: Sequence[int],
+    total_units: tuple[int, ...],
     sample_rate: float,
     steps_per_epoch: int,
     epochs: int,

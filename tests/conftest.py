@@ -36,7 +36,8 @@ def require_postgres() -> str:
 
 def _on_postgres(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
-    return callspec is not None and any(v == "postgresql" for v in callspec.params.values())
+    params = callspec.params.values() if callspec is not None else ()
+    return any(isinstance(v, str) and v == "postgresql" for v in params)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

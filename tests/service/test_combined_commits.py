@@ -198,7 +198,7 @@ def test_refused_and_invalid_admissions_in_a_batch_change_nothing(
         (409, "run_not_active"): len(inactive),
     }, [r.text for r in responses]
     admitted = {k: r.json() for k, r in zip(keys, responses, strict=True) if r.status_code == 201}
-    # Decided in arrival order: every refusal came once the ten had filled the cap.
+    # Each was decided against what the ones before it left: every refusal saw the cap full.
     for response in responses:
         if response.json().get("code") == "budget_exhausted":
             assert response.json()["epsilon_spent"] == cap, response.text
@@ -255,9 +255,8 @@ def test_identical_keys_in_one_batch_charge_once(api: Api, database: Database) -
     assert [r.status_code for r in responses] == [201] * identical, [r.text for r in responses]
     first = responses[0].json()
     assert all(r.json() == first for r in responses)  # the noise drawn once, for everyone
-    assert sorted(str(r.headers.get(REPLAYED)) for r in responses) == ["None"] + ["true"] * (
-        identical - 1
-    )
+    replayed = [r.headers.get(REPLAYED) for r in responses]
+    assert (replayed.count(None), replayed.count("true")) == (1, identical - 1), replayed
     assert conflict.status_code == 422, conflict.text
     assert conflict.json()["code"] == "idempotency_conflict"
     assert REPLAYED not in conflict.headers
@@ -304,7 +303,8 @@ def _url(server: Servers) -> str:
 def _batch_sizes(base_url: str) -> tuple[float, float]:
     """(batches, admissions in them) a live server has counted, from its /metrics."""
     text = httpx.get(f"{base_url}/metrics", timeout=TIMEOUT).text
-    samples = dict(line.split(" ", 1) for line in text.splitlines() if line[:1] not in "#")
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    samples = dict(line.split(" ", 1) for line in lines)
     return float(samples["ledger_batch_size_count"]), float(samples["ledger_batch_size_sum"])
 
 
@@ -368,7 +368,7 @@ def test_kill_9_during_combined_commits_loses_and_duplicates_nothing(
     path = f"/v1/datasets/{dataset_id}/releases"
     with httpx.Client(base_url=_url(server), timeout=TIMEOUT) as http:
         admin = Api(http, ADMIN_KEY)
-        admin.create_dataset(dataset_id, 100.0)
+        admin.create_dataset(dataset_id, 100.0)  # room for all: 12 × 150 × 0.05 < 100
         bearer = admin.new_key("trainer", [dataset_id])
 
     clients = Clients(_url(server), bearer, path)
@@ -381,7 +381,6 @@ def test_kill_9_during_combined_commits_loses_and_duplicates_nothing(
         batches, admissions = _batch_sizes(_url(server))
         kill_started = time.monotonic()
         server.kill()
-        kill_done = time.monotonic()
         sent = [call for f in futures for call in f.result(timeout=DEADLINE)]
     # The server had been combining admissions, and requests were on their way when it died.
     assert admissions > batches, (batches, admissions)
@@ -390,7 +389,6 @@ def test_kill_9_during_combined_commits_loses_and_duplicates_nothing(
     assert not failed, failed
     in_flight = {c.key for c in unanswered if c.started < kill_started}
     assert in_flight, "no request was in flight when the server was killed"
-    after_kill = {c.key for c in unanswered if c.started > kill_done}
     acknowledged = {c.key: c.answer for c in sent if c.answer is not None}
 
     server.start(1)
@@ -401,10 +399,9 @@ def test_kill_9_during_combined_commits_loses_and_duplicates_nothing(
         present = Counter(e["idempotency_key"] for e in charges)
         # Every acknowledged release exactly once, as its answer named it; nothing twice; and
         # nothing but requests sent before the server died (some whose answer died with it).
-        assert max(present.values()) == 1, present.most_common(3)
+        assert not [key for key, n in present.items() if n > 1], present.most_common(3)
         assert set(acknowledged) <= set(present)
         assert set(present) <= set(acknowledged) | {c.key for c in unanswered}
-        assert not set(present) & after_kill
         by_key = {e["idempotency_key"]: e for e in charges}
         for key, answer in acknowledged.items():
             assert answer is not None
