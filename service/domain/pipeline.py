@@ -207,14 +207,21 @@ class Pipeline:
         try:
             self._combined(batch)
         except IntegrityError:
-            # A unique-key race with another process (two first uses of one Idempotency-Key):
-            # each decided again alone, where the retry finds the winner's record.
+            # A unique-key race with another process (two first uses of one Idempotency-Key),
+            # refused by the database, so nothing was written: each decided again alone, where
+            # the retry finds the winner's record.
             self._one_by_one(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                _fail(batch[0], exc)
-            else:  # keep the failure with the admission that caused it
-                self._one_by_one(batch)
+        except _Undecided as failed:
+            # A decision failed before the commit, so nothing was written: the failure stays
+            # with its admission, the others are decided again.
+            _fail(failed.ticket, failed.error)
+            self._one_by_one([t for t in batch if t is not failed.ticket])
+        except BaseException as exc:
+            # The commit itself failed (or its flush): it may even have landed, so nothing is
+            # decided again (a request without a key would be charged twice); each answers the
+            # error (503 for a database failure) and clients retry with their keys.
+            for ticket in batch:
+                _fail(ticket, exc)
         finally:
             for ticket in batch:
                 ticket.done = True
@@ -239,6 +246,7 @@ class Pipeline:
     def _combined(self, batch: list[_Ticket[object]]) -> None:
         """Decide every ticket under its dataset's lock and commit them together."""
         started = time.perf_counter()
+        tally: list[tuple[str | None, str]] = []
         with self.db.write() as session:
             locked = self.db.lock_datasets(session, sorted({t.dataset_id for t in batch}))
             metrics.LOCK_WAIT.observe(time.perf_counter() - started)
@@ -254,15 +262,19 @@ class Pipeline:
                 try:
                     if dataset is None:
                         raise _missing(ticket.admission)
-                    ticket.result = self._decide(session, dataset, ticket.admission, records)
+                    ticket.result = self._decide(session, dataset, ticket.admission, records, tally)
                 except DomainError as refusal:
                     ticket.error = refusal
+                except Exception as exc:
+                    raise _Undecided(ticket, exc) from exc
+        _count(tally)
 
     # -- one admission ------------------------------------------------------------------------
 
     def _alone(self, admission: Admission[R]) -> R | Replayed:
         """One admission in its own transaction, retried once after a unique-key race."""
         for attempt in (1, 2):
+            tally: list[tuple[str | None, str]] = []
             try:
                 with self.db.write() as session:
                     started = time.perf_counter()
@@ -271,7 +283,13 @@ class Pipeline:
                         metrics.LOCK_WAIT.observe(time.perf_counter() - started)
                     single = [_Ticket(admission, "")]
                     records = _stored_records(session, single)  # type: ignore[arg-type]
-                    return self._decide(session, dataset, admission, records)
+                    try:
+                        result = self._decide(session, dataset, admission, records, tally)
+                    except DomainError:
+                        _count(tally)
+                        raise
+                _count(tally)
+                return result
             except IntegrityError:
                 if attempt == 2:
                     raise Conflict(
@@ -285,7 +303,9 @@ class Pipeline:
         dataset: Dataset | None,
         admission: Admission[R],
         records: dict[tuple[str, str], tuple[str, int, str]],
+        tally: list[tuple[str | None, str]],
     ) -> R | Replayed:
+        """One admission inside a write transaction; `tally` gets what to count once it ends."""
         keyed = admission.idempotency
         if keyed is not None:
             prior = records.get((keyed.holder, keyed.key))
@@ -296,16 +316,14 @@ class Pipeline:
                         "this Idempotency-Key was already used for a different request",
                         idempotency_key=keyed.key,
                     )
-                metrics.REPLAYS.inc()
+                tally.append((None, "replayed"))
                 return Replayed(status, body)
         try:
             result = admission.decide(session, dataset)
         except REFUSALS as refusal:
-            if admission.operation is not None:
-                metrics.admission(admission.operation, refusal.code)
+            tally.append((admission.operation, refusal.code))
             raise
-        if admission.operation is not None:
-            metrics.admission(admission.operation, "admitted")
+        tally.append((admission.operation, "admitted"))
         if keyed is not None:
             if self.record is None:
                 raise TypeError("this pipeline records no answers: it takes no Idempotency-Key")
@@ -331,6 +349,23 @@ class Pipeline:
         if dataset is None:
             raise _missing(admission)
         return dataset
+
+
+class _Undecided(Exception):
+    """An admission's decision failed unexpectedly (before its batch's commit)."""
+
+    def __init__(self, ticket: _Ticket[object], error: Exception) -> None:
+        super().__init__(str(error))
+        self.ticket, self.error = ticket, error
+
+
+def _count(tally: list[tuple[str | None, str]]) -> None:
+    """Count a transaction's decisions once it has ended (a batch decided again counts once)."""
+    for operation, outcome in tally:
+        if outcome == "replayed":
+            metrics.REPLAYS.inc()
+        elif operation is not None:
+            metrics.admission(operation, outcome)
 
 
 def _missing(admission: Admission[R]) -> NotFound:

@@ -12,8 +12,8 @@ idempotency record, and commits them all at once. What a caller of such a batch 
 2. Identical requests with one Idempotency-Key in one batch: one charge; every one of them gets
    the first answer, all but one as a replay; the same key with another body gets 422.
 3. kill -9 of a server while combined commits are in flight: after a restart every answered
-   request is in the ledger exactly once, nothing is that was not sent before the kill, and
-   retrying every request with its key charges only those whose commit died with the server.
+   request is in the ledger exactly once, nothing else is but requests whose answer the kill
+   swallowed, and retrying every request with its key charges only those whose commit died.
 4. Two `privacy-ledger serve` processes on one PostgreSQL database, hammered at once: together
    they admit exactly what the cap allows, not one release more.
 
@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service import metrics
@@ -271,6 +272,60 @@ def test_identical_keys_in_one_batch_charge_once(api: Api, database: Database) -
     assert (again.status_code, again.json(), again.headers.get(REPLAYED)) == (201, first, "true")
     assert trainer.post(path, other, headers={"Idempotency-Key": key}).status_code == 422
     assert _entries(api, dataset_id) == entries
+
+
+def test_a_failed_decision_stays_with_its_admission(api: Api, database: Database) -> None:
+    """An unexpected error in one decision rolls the batch back; the others are decided again
+    and admitted once each, and only that one fails."""
+    dataset_id = "isolated"
+    api.create_dataset(dataset_id, 10.0)
+    trainer = api.as_key(api.new_key("trainer", [dataset_id]))
+    pipeline, path = _pipeline(api), f"/v1/datasets/{dataset_id}/releases"
+
+    def broken(_session: Session, _dataset: Dataset | None) -> None:
+        raise RuntimeError("a bug in one decision")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        with lane_held(pipeline, dataset_id) as wait_queued:
+            sent = [pool.submit(trainer.post, path, TENTH) for _ in range(3)]
+            wait_queued(3)
+            failing = pool.submit(pipeline.submit, Admission(broken, dataset_id=dataset_id))
+            wait_queued(4)
+        answers = [f.result(timeout=DEADLINE) for f in sent]
+        with pytest.raises(RuntimeError, match="a bug in one decision"):
+            failing.result(timeout=DEADLINE)
+    assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
+    charges = [e for e in _assert_consistent(api, database, dataset_id) if e["kind"] == "charge"]
+    assert sorted(e["seq"] for e in charges) == sorted(a.json()["ledger_seq"] for a in answers)
+
+
+def test_a_commit_that_fails_is_never_decided_again(
+    api: Api, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit may land and still report an error (the connection lost after COMMIT): the
+    batch is not decided again, so requests without a key are never charged twice."""
+    dataset_id = "lost"
+    api.create_dataset(dataset_id, 10.0)
+    trainer = api.as_key(api.new_key("trainer", [dataset_id]))
+    pipeline, path = _pipeline(api), f"/v1/datasets/{dataset_id}/releases"
+    real_write = pipeline.db.write
+
+    @contextmanager
+    def landed_then_lost() -> Iterator[Session]:
+        with real_write() as session:
+            yield session
+        raise OperationalError("COMMIT", {}, ConnectionError("connection lost after COMMIT"))
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with lane_held(pipeline, dataset_id) as wait_queued:
+            sent = [pool.submit(trainer.post, path, TENTH) for _ in range(3)]
+            wait_queued(3)
+            monkeypatch.setattr(pipeline.db, "write", landed_then_lost)
+        answers = [f.result(timeout=DEADLINE) for f in sent]
+    monkeypatch.undo()
+    assert [a.status_code for a in answers] == [503] * 3, [a.text for a in answers]
+    charges = [e for e in _assert_consistent(api, database, dataset_id) if e["kind"] == "charge"]
+    assert len(charges) == 3  # committed once, answered with an error, never decided again
 
 
 # -- live servers -----------------------------------------------------------------------------
