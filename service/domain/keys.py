@@ -143,17 +143,11 @@ def authenticate(
     db: Database, token: str | None, bootstrap_key: str | None, cache: KeyCache | None = None
 ) -> Principal:
     """The principal behind a bearer token, or Unauthorized; from `cache` when it has the key."""
-    if not token:
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
-    if bootstrap_key and hmac.compare_digest(token.encode(), bootstrap_key.encode()):
-        return Principal(BOOTSTRAP_ID, "admin", name=BOOTSTRAP_NAME)
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != _PREFIX:
-        raise Unauthorized("invalid API key")
-    key_id, secret_hash = parts[1], _secret_hash(parts[2])
-    cached = cache.get(key_id, secret_hash) if cache is not None else None
-    if cached is not None:
-        return cached
+    known = recognise(token, bootstrap_key, cache)
+    if known is not None:
+        return known
+    assert token is not None  # recognise refused a missing one
+    key_id, secret_hash = _parts(token)
     read_from = cache.clock() if cache is not None else 0.0
     with db.lookup() as session:
         key = session.get(ApiKey, key_id)
@@ -170,6 +164,26 @@ def authenticate(
     if cache is not None:
         cache.put(key_id, secret_hash, principal, read_from)
     return principal
+
+
+def recognise(
+    token: str | None, bootstrap_key: str | None, cache: KeyCache | None
+) -> Principal | None:
+    """What `authenticate` can tell without the database: the bootstrap key, a key the cache
+    holds, or Unauthorized for a missing or malformed token; None when a lookup must decide."""
+    if not token:
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+    if bootstrap_key and hmac.compare_digest(token.encode(), bootstrap_key.encode()):
+        return Principal(BOOTSTRAP_ID, "admin", name=BOOTSTRAP_NAME)
+    key_id, secret_hash = _parts(token)
+    return cache.get(key_id, secret_hash) if cache is not None else None
+
+
+def _parts(token: str) -> tuple[str, str]:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != _PREFIX:
+        raise Unauthorized("invalid API key")
+    return parts[1], _secret_hash(parts[2])
 
 
 def issue(

@@ -107,7 +107,7 @@ class Admission(Generic[R]):
     operation: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # tickets are compared by identity
 class _Ticket(Generic[R]):
     admission: Admission[R]
     dataset_id: str
@@ -117,6 +117,8 @@ class _Ticket(Generic[R]):
     result: R | Replayed | None = None
     error: BaseException | None = None
     done: bool = False
+    # Put back once because another process held its dataset: its next batch waits for the lock.
+    deferred: bool = False
 
     def outcome(self) -> R | Replayed:
         if self.error is not None:
@@ -147,8 +149,8 @@ class Pipeline:
     # -- entry points -------------------------------------------------------------------------
 
     def submit(self, admission: Admission[R]) -> R | Replayed:
-        """Decide and commit `admission` (combined with others of its dataset); its result, or
-        the first answer to its Idempotency-Key; raises its refusal."""
+        """Decide and commit `admission` (combined with others that arrive with it); its result,
+        or the first answer to its Idempotency-Key; raises its refusal."""
         if admission.dataset_id is None and admission.run_id is None:
             return self._alone(admission)
         dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
@@ -158,11 +160,17 @@ class Pipeline:
             lane.waiting.append(ticket)  # type: ignore[arg-type]
             ticket.leads = not lane.busy
             lane.busy = True
-        if not ticket.leads:
-            ticket.ready.wait()
-        if not ticket.done:  # this thread leads the next batch, which includes its own ticket
+        while True:
+            if not ticket.leads:
+                ticket.ready.wait()  # set once the ticket is done, or when it is to lead
+            with self._mutex:
+                if ticket.done:
+                    return ticket.outcome()
+                ticket.leads = False
+                ticket.ready.clear()
+            # This thread leads the next batch, which begins with its own ticket; if that one is
+            # put back (its dataset locked by another process), the loop waits for it again.
             self._lead(lane)
-        return ticket.outcome()
 
     def rehearse(self, admission: Admission[R]) -> R:
         """Decide `admission` as a dry run: under the same lock, then rolled back.
@@ -201,11 +209,9 @@ class Pipeline:
             batch = lane.waiting[: self.max_batch]
             del lane.waiting[: self.max_batch]
         started = time.perf_counter()
-        metrics.BATCH_SIZE.observe(len(batch))
-        for ticket in batch:
-            metrics.BATCH_WAIT.observe(started - ticket.queued_at)
+        deferred: list[_Ticket[object]] = []
         try:
-            self._combined(batch)
+            deferred = self._combined(batch)
         except IntegrityError:
             # A unique-key race with another process (two first uses of one Idempotency-Key),
             # refused by the database, so nothing was written: each decided again alone, where
@@ -223,16 +229,23 @@ class Pipeline:
             for ticket in batch:
                 _fail(ticket, exc)
         finally:
-            for ticket in batch:
-                ticket.done = True
+            finished = [t for t in batch if t not in deferred]
+            metrics.BATCH_SIZE.observe(len(finished))
+            for ticket in finished:
+                metrics.BATCH_WAIT.observe(started - ticket.queued_at)
             with self._mutex:
+                for ticket in finished:
+                    ticket.done = True
+                for ticket in deferred:
+                    ticket.deferred = True
+                lane.waiting[:0] = deferred  # first in line again, in their order
                 if lane.waiting:
                     successor = lane.waiting[0]
                     successor.leads = True
                     successor.ready.set()
                 else:
                     lane.busy = False
-            for ticket in batch:
+            for ticket in finished:
                 ticket.ready.set()
 
     def _one_by_one(self, batch: list[_Ticket[object]]) -> None:
@@ -243,13 +256,24 @@ class Pipeline:
             except Exception as exc:
                 _fail(ticket, exc)
 
-    def _combined(self, batch: list[_Ticket[object]]) -> None:
-        """Decide every ticket under its dataset's lock and commit them together."""
+    def _combined(self, batch: list[_Ticket[object]]) -> list[_Ticket[object]]:
+        """Decide every ticket under its dataset's lock and commit them together; the tickets
+        put back for the next batch (their datasets locked by another process just now)."""
         started = time.perf_counter()
         tally: list[tuple[str | None, str]] = []
+        # A batch first takes the datasets nobody else holds (SKIP LOCKED): two processes then
+        # decide disjoint datasets side by side rather than one after the other. A ticket put
+        # back once waits for its lock in the next batch, so none is put back forever.
+        skip_held = not self.db.is_sqlite and not any(t.deferred for t in batch)
         with self.db.write() as session:
-            locked = self.db.lock_datasets(session, sorted({t.dataset_id for t in batch}))
+            wanted = sorted({t.dataset_id for t in batch})
+            locked = self.db.lock_datasets(session, wanted, skip_locked=skip_held)
             metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+            deferred = [t for t in batch if skip_held and t.dataset_id not in locked]
+            if deferred:
+                if len(deferred) == len(batch):
+                    return deferred
+                batch = [t for t in batch if t not in deferred]
             records = _stored_records(session, batch)
             run_ids = [t.admission.run_id for t in batch if t.admission.run_id is not None]
             if run_ids:  # one statement loads every run the batch touches
@@ -268,6 +292,7 @@ class Pipeline:
                 except Exception as exc:
                     raise _Undecided(ticket, exc) from exc
         _count(tally)
+        return deferred
 
     # -- one admission ------------------------------------------------------------------------
 

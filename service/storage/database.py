@@ -125,12 +125,18 @@ class Database:
         """The dataset row, locked for the rest of this write transaction (None if absent)."""
         return self.lock_datasets(session, [dataset_id]).get(dataset_id)
 
-    def lock_datasets(self, session: Session, dataset_ids: list[str]) -> dict[str, Dataset]:
+    def lock_datasets(
+        self, session: Session, dataset_ids: list[str], *, skip_locked: bool = False
+    ) -> dict[str, Dataset]:
         """The dataset rows of `dataset_ids` (those that exist), locked for the rest of this
-        write transaction in id order, so two transactions that lock several never deadlock."""
+        write transaction in id order, so two transactions that lock several never deadlock.
+
+        With `skip_locked` (PostgreSQL), rows another transaction holds are left out rather
+        than waited for. SQLite: BEGIN IMMEDIATE already holds the whole database.
+        """
         statement = select(Dataset).where(Dataset.id.in_(dataset_ids)).order_by(Dataset.id)
-        if not self.is_sqlite:  # SQLite: BEGIN IMMEDIATE already holds the write lock
-            statement = statement.with_for_update()
+        if not self.is_sqlite:
+            statement = statement.with_for_update(skip_locked=skip_locked)
         rows = session.execute(statement.execution_options(populate_existing=True)).scalars()
         return {row.id: row for row in rows}
 
