@@ -32,6 +32,7 @@ from service.domain.budget import Budget, StoredShares, dumps_units, share_of
 from service.domain.errors import CapBelowReserved, Conflict, InvalidRequest, NotFound
 from service.domain.keys import Principal
 from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
+from service.storage.database import write_staged
 from service.storage.models import Dataset, LedgerEntry, utcnow
 
 
@@ -391,6 +392,7 @@ def void(
 
     def decide(session: Session, dataset: Dataset | None) -> Voided:
         assert dataset is not None
+        write_staged(session)  # entries of this batch's earlier admissions are read below
         target = session.get(LedgerEntry, (dataset_id, seq))
         if target is None:
             raise NotFound(f"ledger entry {seq} of dataset {dataset_id!r} not found")

@@ -29,6 +29,7 @@ from accountant import exact
 from accountant.mechanisms import Mechanism
 from accountant.members import PureTotal
 from service.domain.budget import Budget, Cost, dumps_units, loads_pure, loads_units
+from service.storage.database import stage
 
 # Re-exported: the ledger routes name entries and their kinds from here, not from storage.
 from service.storage.models import ENTRY_KINDS as ENTRY_KINDS
@@ -176,7 +177,7 @@ def append(
     dataset.last_hash = entry.hash
     dataset.updated_at = now
     budget.reported = (spent_after, reserved_after)
-    session.add(entry)
+    stage(session, entry)
     return entry
 
 

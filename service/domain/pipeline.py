@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from service import metrics
 from service.domain.errors import REFUSALS, Conflict, DomainError, IdempotencyConflict, NotFound
-from service.storage.database import Database
+from service.storage.database import Database, stage
 from service.storage.models import Dataset, IdempotencyRecord, Run, utcnow
 
 R = TypeVar("R")
@@ -353,16 +353,15 @@ class Pipeline:
             if self.record is None:
                 raise TypeError("this pipeline records no answers: it takes no Idempotency-Key")
             status, body = self.record(result)
-            session.add(
-                IdempotencyRecord(
-                    holder=keyed.holder,
-                    key=keyed.key,
-                    request_hash=keyed.request_hash,
-                    status_code=status,
-                    response_body=body,
-                    created_at=utcnow(),
-                )
+            record = IdempotencyRecord(
+                holder=keyed.holder,
+                key=keyed.key,
+                request_hash=keyed.request_hash,
+                status_code=status,
+                response_body=body,
+                created_at=utcnow(),
             )
+            stage(session, record)
             records[(keyed.holder, keyed.key)] = (keyed.request_hash, status, body)
         return result
 

@@ -33,6 +33,7 @@ from service.domain.errors import InvalidRequest
 from service.domain.keys import Principal
 from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.domain.runs import new_id, refusal
+from service.storage.database import stage
 from service.storage.models import Dataset, Release
 
 
@@ -403,7 +404,7 @@ def charge(
         created_at=now,
         **row,
     )
-    session.add(release)
+    stage(session, release)
     request = ledger.Append(
         "charge",
         principal.actor,

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from accountant import pld
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
 from service.domain import holds
-from service.storage.database import Database
+from service.domain.pipeline import Admission, Pipeline
 from service.storage.models import Run
 
 PENDING_NOTE = (
@@ -79,7 +80,7 @@ def stored(run: Run) -> PldFigure:
     return PENDING
 
 
-def fill(db: Database, runs: Iterable[Run], delta: float) -> None:
+def fill(pipeline: Pipeline, runs: Iterable[Run], delta: float) -> None:
     """Compute and store the figures still missing on `runs` (of one dataset, at its δ).
 
     Called outside any transaction: the computation runs first, then one short write stores
@@ -96,7 +97,8 @@ def fill(db: Database, runs: Iterable[Run], delta: float) -> None:
         computed.append((run, of_run(run, delta)))
     if not computed:
         return
-    with db.write() as session:
+
+    def store(session: Session, _: object) -> None:
         for run, figure in computed:
             session.execute(
                 update(Run)
@@ -104,6 +106,8 @@ def fill(db: Database, runs: Iterable[Run], delta: float) -> None:
                 .values(epsilon_pld=figure.epsilon, epsilon_pld_note=figure.note)
                 .execution_options(synchronize_session=False)
             )
+
+    pipeline.submit(Admission(store))
     for run, figure in computed:
         # Detached rows: what this read answers (the database now holds the same figure).
         run.epsilon_pld, run.epsilon_pld_note = figure.epsilon, figure.note

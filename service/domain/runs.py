@@ -471,7 +471,7 @@ def get(pipeline: Pipeline, principal: Principal, run_id: str) -> Run:
     with db.read() as session:
         run = _locked_run(session, run_id)
         delta = session.execute(select(Dataset.delta).where(Dataset.id == dataset_id)).scalar_one()
-    run_pld.fill(db, [run], float(delta))
+    run_pld.fill(pipeline, [run], float(delta))
     return run
 
 
@@ -498,5 +498,5 @@ def listing(
         rows = list(session.execute(statement.limit(limit + 1)).scalars())
         delta = session.execute(select(Dataset.delta).where(Dataset.id == dataset_id)).scalar()
     if delta is not None:
-        run_pld.fill(db, rows[:limit], float(delta))
+        run_pld.fill(pipeline, rows[:limit], float(delta))
     return rows[:limit], len(rows) > limit

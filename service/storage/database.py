@@ -40,13 +40,22 @@ try:
 except ImportError:  # not on Windows: there, only a process's own writers queue
     fcntl = None  # type: ignore[assignment]
 
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, Table, create_engine, event, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from service.storage.models import Dataset
+from service.storage.models import Base, Dataset, IdempotencyRecord, LedgerEntry, Release
+
+_STAGED = "staged_rows"
+# Staged rows go in this order (a ledger entry names its release); new runs, added through
+# the ORM, are flushed before any of them.
+_STAGED_TABLES: tuple[Table, ...] = (
+    Release.__table__,
+    LedgerEntry.__table__,
+    IdempotencyRecord.__table__,  # type: ignore[assignment]
+)
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 IDLE_PING_S = 2.0
@@ -80,9 +89,11 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A write transaction; the caller commits. Rolled back on any exception."""
+        """A write transaction, committed when the block ends (staged rows written first);
+        rolled back on any exception."""
         with self._queue, self._writer() as session, session.begin():
             yield session
+            write_staged(session)
 
     @contextmanager
     def rehearsal(self) -> Iterator[Session]:
@@ -145,6 +156,30 @@ class Database:
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
+
+
+def stage(session: Session, row: Base) -> None:
+    """Queue a new row of an append-only table (a release, a ledger entry, an idempotency
+    record): the rows of one transaction go in one multi-row INSERT per table when it commits
+    (`write_staged`), without the ORM's unit of work. The row object stays a plain, transient
+    value; nothing in the transaction reads these rows back before the commit, except what
+    calls `write_staged` first."""
+    table: Table = row.__table__  # type: ignore[assignment]
+    values = {column.key: getattr(row, column.key) for column in table.columns}
+    session.info.setdefault(_STAGED, {}).setdefault(table.name, []).append(values)
+
+
+def write_staged(session: Session) -> None:
+    """Insert every row staged in this transaction so far (after flushing the ORM's changes,
+    which staged rows may refer to)."""
+    staged: dict[str, list[dict[str, Any]]] | None = session.info.pop(_STAGED, None)
+    if not staged:
+        return
+    session.flush()
+    for table in _STAGED_TABLES:
+        rows = staged.get(table.name)
+        if rows:
+            session.execute(insert(table), rows)
 
 
 class WriterQueue:
