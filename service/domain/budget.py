@@ -146,6 +146,9 @@ class Budget:
     pure_posted: PureTotal | None
     pure_pending: PureTotal | None
     reported: tuple[float, float] | None = field(default=None)
+    # The ledger seq this state is as of: a copy kept across one transaction's admissions is
+    # current only while the dataset's last seq is still this one (holds.begin).
+    seq: int = -1
 
     @classmethod
     def of(cls, dataset: Dataset) -> Budget:
@@ -162,6 +165,7 @@ class Budget:
             pure_pending=_stored_pure(stored, dataset.pure_pending),
         )
         budget.reported = (budget.epsilon_spent(), budget.epsilon_reserved())
+        budget.seq = dataset.last_seq
         return budget
 
     @property

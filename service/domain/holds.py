@@ -241,8 +241,22 @@ def begin(session: Session, dataset: Dataset, *, charging: bool = True) -> tuple
     With `charging`, a frozen dataset refuses the admission outright.
     """
     now = utcnow()
-    budget = Budget.of(dataset)
+    budget = _current_budget(session, dataset)
     expire(session, dataset, budget, now)
     if charging and dataset.frozen:
         raise DatasetFrozen(f"dataset {dataset.id!r} is frozen")
     return now, budget
+
+
+def _current_budget(session: Session, dataset: Dataset) -> Budget:
+    """The dataset's budget, kept across the admissions of one transaction (a batch) while it
+    is current: parsed from the row once, not once per admission. Any entry appended through
+    another Budget moves the dataset's last seq past the kept one, which is then read afresh."""
+    key = ("budget", dataset.id)
+    kept: Budget | None = session.info.get(key)
+    current = kept is not None and kept.seq == dataset.last_seq
+    if current and kept is not None and kept.filter.epsilon_cap == dataset.epsilon_cap:
+        return kept
+    budget = Budget.of(dataset)
+    session.info[key] = budget
+    return budget

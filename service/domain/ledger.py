@@ -54,7 +54,16 @@ def canonical(payload: dict[str, Any]) -> str:
 _OPTIONAL_HASHED = ("epsilon_spent_before", "epsilon_reserved_before", "pure")
 
 
-def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
+def _hashed_fields(entry: LedgerEntry, parsed: _Parsed | None = None) -> dict[str, Any]:
+    # `parsed`: the entry's mechanism, units and details as the values they were encoded from
+    # (when it is being written); their canonical text is the same as that of the stored JSON
+    # read back, so the hash is the same either way.
+    if parsed is None:
+        parsed = _Parsed(
+            json.loads(entry.mechanism) if entry.mechanism else None,
+            loads_units(entry.units) if entry.units else None,
+            json.loads(entry.details),
+        )
     optional = {name: getattr(entry, name) for name in _OPTIONAL_HASHED}
     fields = {
         **{name: value for name, value in optional.items() if value is not None},
@@ -64,14 +73,14 @@ def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
         "run_id": entry.run_id,
         "release_id": entry.release_id,
         "voids_seq": entry.voids_seq,
-        "mechanism": json.loads(entry.mechanism) if entry.mechanism else None,
-        "units": loads_units(entry.units) if entry.units else None,
+        "mechanism": parsed.mechanism,
+        "units": parsed.units,
         "actor": entry.actor,
         "idempotency_key": entry.idempotency_key,
         "epsilon": entry.epsilon,
         "epsilon_spent_after": entry.epsilon_spent_after,
         "epsilon_reserved_after": entry.epsilon_reserved_after,
-        "details": json.loads(entry.details),
+        "details": parsed.details,
         "created_at": entry.created_at,
     }
     # Who, by name and role (migration 0005): hashed only for entries that carry it, so every
@@ -83,11 +92,18 @@ def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
     return fields
 
 
-def entry_hash(entry: LedgerEntry) -> str:
+@dataclass(frozen=True)
+class _Parsed:
+    mechanism: dict[str, Any] | None
+    units: list[int] | None
+    details: dict[str, Any]
+
+
+def entry_hash(entry: LedgerEntry, parsed: _Parsed | None = None) -> str:
     """SHA-256 over the previous hash and the entry's canonical encoding."""
     digest = hashlib.sha256()
     digest.update(entry.prev_hash.encode("ascii"))
-    digest.update(canonical(_hashed_fields(entry)).encode("utf-8"))
+    digest.update(canonical(_hashed_fields(entry, parsed)).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -147,6 +163,7 @@ def append(
     budget.store(dataset)
     cost = request.cost
     pure = budget.entry_pure(cost) if cost is not None else None
+    params = request.mechanism.params() if request.mechanism else None
     spent_before, reserved_before = budget.reported or (None, None)
     spent_after, reserved_after = budget.epsilon_spent(), budget.epsilon_reserved()
     entry = LedgerEntry(
@@ -156,7 +173,7 @@ def append(
         run_id=request.run_id,
         release_id=request.release_id,
         voids_seq=request.voids_seq,
-        mechanism=canonical(request.mechanism.params()) if request.mechanism else None,
+        mechanism=canonical(params) if params is not None else None,
         units=dumps_units(cost.units) if cost is not None else None,
         pure=pure.to_text() if pure is not None else None,
         actor=request.actor.id,
@@ -172,8 +189,10 @@ def append(
         created_at=iso(now),
         prev_hash=dataset.last_hash,
     )
-    entry.hash = entry_hash(entry)
+    units = list(cost.units) if cost is not None else None
+    entry.hash = entry_hash(entry, _Parsed(params, units, request.details))
     dataset.last_seq = entry.seq
+    budget.seq = entry.seq
     dataset.last_hash = entry.hash
     dataset.updated_at = now
     budget.reported = (spent_after, reserved_after)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -420,6 +420,15 @@ def _stored_records(
             IdempotencyRecord.request_hash,
             IdempotencyRecord.status_code,
             IdempotencyRecord.response_body,
-        ).where(tuple_(IdempotencyRecord.holder, IdempotencyRecord.key).in_(sorted(wanted)))
+        ).where(
+            # One primary-key match per key, OR'ed: SQLite scans the whole table for a row-value
+            # IN list (`(holder, key) IN (VALUES …)`), but searches the index for each of these.
+            or_(
+                *(
+                    and_(IdempotencyRecord.holder == holder, IdempotencyRecord.key == key)
+                    for holder, key in sorted(wanted)
+                )
+            )
+        )
     )
     return {(r.holder, r.key): (r.request_hash, r.status_code, r.response_body) for r in rows}

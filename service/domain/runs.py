@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from accountant import calibrate, exact
 from accountant.mechanisms import Mechanism
+from accountant.members import MemberFilter
 from service.domain import holds, ledger, run_pld
 from service.domain.budget import Budget, Cost, dumps_units
 from service.domain.datasets import DatasetView, refresh, view
@@ -233,20 +234,49 @@ def refusal(
     )
 
 
-def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) -> BudgetExhausted:
-    """A plan's refusal; when more noise would make it fit, it says so and names that σ."""
-    what = f"a plan of {spec.epochs} epochs"
+@dataclass(frozen=True)
+class _FitLater:
+    """What finding the σ that would fit a refused plan needs: the filter and the dataset's
+    curve at the refusal, and the plan's shape (a search of milliseconds, never under a lock)."""
+
+    filter: MemberFilter
+    total: tuple[int, ...]
+    sample_rate: float
+    steps: int
+    epochs: int
+    sensitivity: float
+
+
+class PlanRefused(BudgetExhausted):
+    """A plan the filter refuses, with what finding the σ that would fit it needs."""
+
+    def __init__(self, refused: BudgetExhausted, fit: _FitLater) -> None:
+        super().__init__(refused.detail, **refused.extra)
+        self.fit = fit
+
+    def with_fitting_sigma(self) -> PlanRefused:
+        """The refusal completed once the dataset's lock is released: when more noise would
+        make the plan fit, it says so and names that σ."""
+        fit = self.fit
+        charged = calibrate.sigma_that_fits(
+            fit.filter, fit.total, fit.sample_rate, fit.steps, fit.epochs
+        )
+        if charged is not None:
+            sigma = charged * fit.sensitivity
+            self.extra["noise_multiplier_that_fits"] = sigma
+            self.detail += (
+                f"; it would fit with noise_multiplier ≥ {sigma:.6g} (or plan with fit_remaining)"
+            )
+        return self
+
+
+def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) -> PlanRefused:
+    """A plan's refusal; whether more noise would make it fit, and with which σ, is found after
+    the lock is released (`PlanRefused.with_fitting_sigma`), from the state it was refused in."""
+    refused = refusal(budget, dataset, cost, f"a plan of {spec.epochs} epochs")
     q, steps, sensitivity = spec.accounted_shape()
-    total = exact.add(budget.posted, budget.pending)
-    charged = calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
-    if charged is None:
-        return refusal(budget, dataset, cost, what)
-    sigma = charged * sensitivity
-    error = refusal(budget, dataset, cost, what, noise_multiplier_that_fits=sigma)
-    error.detail += (
-        f"; it would fit with noise_multiplier ≥ {sigma:.6g} (or plan with fit_remaining)"
-    )
-    return error
+    total = tuple(exact.add(budget.posted, budget.pending))
+    return PlanRefused(refused, _FitLater(budget.filter, total, q, steps, spec.epochs, sensitivity))
 
 
 def create(
@@ -257,14 +287,20 @@ def create(
     idempotency: Idempotency | None = None,
 ) -> Planned | Replayed:
     """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
-    return pipeline.submit(_plan(pipeline, principal, dataset_id, spec, idempotency))
+    try:
+        return pipeline.submit(_plan(pipeline, principal, dataset_id, spec, idempotency))
+    except PlanRefused as refused:
+        raise refused.with_fitting_sigma() from None
 
 
 def rehearse_plan(
     pipeline: Pipeline, principal: Principal, dataset_id: str, spec: RunSpec
 ) -> Planned:
     """What `create` would hold now, without holding it; raises its refusal."""
-    return pipeline.rehearse(_plan(pipeline, principal, dataset_id, spec, None))
+    try:
+        return pipeline.rehearse(_plan(pipeline, principal, dataset_id, spec, None))
+    except PlanRefused as refused:
+        raise refused.with_fitting_sigma() from None
 
 
 def _plan(

@@ -12,9 +12,13 @@ drops a killed process's flock.
 Reads use a second engine with ordinary deferred transactions, which WAL lets
 run beside a writer.
 
-PostgreSQL: one connection pool; a write transaction locks the dataset row
-with `SELECT … FOR UPDATE` (populate_existing, so the ORM sees the locked
-row's current values, not a stale identity-map copy). Read transactions are
+PostgreSQL: one connection pool; a write transaction locks the rows of the
+datasets it admits to with `SELECT … FOR UPDATE`, in id order (populate_existing,
+so the ORM sees the locked rows' current values, not a stale identity-map copy),
+or with `SKIP LOCKED` to take only those no other transaction holds.
+Rows of the append-only tables (releases, ledger entries, idempotency records)
+are staged (`stage`) and written when the transaction commits, one multi-row
+INSERT per table (`write_staged`), without the ORM's unit of work. Read transactions are
 REPEATABLE READ, so a read of several statements (a dataset and its entries,
 when verifying) sees one snapshot, as a SQLite read transaction does.
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -326,6 +327,42 @@ def test_a_commit_that_fails_is_never_decided_again(
     assert [a.status_code for a in answers] == [503] * 3, [a.text for a in answers]
     charges = [e for e in _assert_consistent(api, database, dataset_id) if e["kind"] == "charge"]
     assert len(charges) == 3  # committed once, answered with an error, never decided again
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_batch_searches_indexes_only(api: Api) -> None:
+    """No statement of a batch scans a table that grows with the history.
+
+    SQLite's plans do not depend on table statistics, so the plan of each statement a batch
+    of keyed admissions sent (replayed with its own parameters) shows it: a row-value IN list
+    over the idempotency records' keys once made SQLite scan that whole table every batch.
+    """
+    dataset_id = "indexed"
+    api.create_dataset(dataset_id, 10.0)
+    trainer = api.as_key(api.new_key("trainer", [dataset_id]))
+    database: Database = api.client.app.state.db  # type: ignore[union-attr]
+    path, keys = f"/v1/datasets/{dataset_id}/releases", ["k1", "k2", "k3"]
+    sent: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    with ThreadPoolExecutor(max_workers=len(keys)) as pool:
+        with lane_held(_pipeline(api), dataset_id) as wait_queued:
+            answers = _post_together(pool, trainer, [(path, TENTH)] * len(keys), keys)
+            wait_queued(len(keys))
+            event.listen(database.write_engine, "before_cursor_execute", record)
+        assert [a.result(timeout=DEADLINE).status_code for a in answers] == [201] * len(keys)
+    event.remove(database.write_engine, "before_cursor_execute", record)
+    looked_up = [p for s, p in sent if "FROM idempotency_records" in s]
+    assert len(looked_up) == 1 and len(looked_up[0]) == 2 * len(keys)  # one lookup, every key
+    with database.write_engine.connect() as connection:
+        for statement, parameters in sent:
+            plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            details = [row[3] for row in plan]
+            scans = [d for d in details if d.startswith("SCAN") and "CONSTANT ROW" not in d]
+            assert not scans, (statement, details)
 
 
 # -- live servers -----------------------------------------------------------------------------

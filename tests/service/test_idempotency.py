@@ -200,8 +200,8 @@ def _one_key_on_two_datasets_at_once(base: str, admin: Api) -> None:
 def test_refusals_are_not_recorded(api: Api) -> None:
     """A 409 is not stored under its key: the same retry is admitted once budget is freed.
 
-    Only successful answers are stored (service/domain/transactions.py stores the record in the
-    admission's own transaction, which a refusal rolls back), so a trainer that retries a
+    Only successful answers are stored (service/domain/pipeline.py stores the record with the
+    admission's entry, and a refusal writes neither), so a trainer that retries a
     refused release with the same key is decided afresh each time — refused while the budget
     is held, admitted once a run gives its hold back — and is still charged only once.
     """
