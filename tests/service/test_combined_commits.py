@@ -365,6 +365,42 @@ def test_a_batch_searches_indexes_only(api: Api) -> None:
             assert not scans, (statement, details)
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_dataset_held_elsewhere_waits_alone(api: Api, database: Database) -> None:
+    """A batch takes the datasets no other transaction holds (SKIP LOCKED): an admission whose
+    dataset another process holds is put back, does not hold up the rest of its batch, and is
+    decided once its dataset is free (its next batch waits for the lock)."""
+    for dataset_id in ("held", "free"):
+        api.create_dataset(dataset_id, 10.0)
+    trainer = api.as_key(api.new_key("trainer", ["held", "free"]))
+    pipeline = _pipeline(api)
+    batches, admissions = _batches()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with database.write() as elsewhere:  # another process's transaction on "held"
+            assert database.lock_dataset(elsewhere, "held") is not None
+            with lane_held(pipeline, "free") as wait_queued:
+                waiting = pool.submit(trainer.post, "/v1/datasets/held/releases", TENTH)
+                wait_queued(1)
+                passing = pool.submit(trainer.post, "/v1/datasets/free/releases", TENTH)
+                wait_queued(2)
+            assert passing.result(timeout=DEADLINE).status_code == 201
+            assert not waiting.done()  # put back, now waiting for the lock held here
+            deadline = time.monotonic() + DEADLINE
+            while _queued(pipeline) or _batches()[1] < admissions + 2:
+                assert time.monotonic() < deadline, "the put-back admission never led a batch"
+                time.sleep(0.005)
+            assert not waiting.done()
+        answer = waiting.result(timeout=DEADLINE)  # the lock is free: decided now
+    assert answer.status_code == 201, answer.text
+    # The holder's batch, the batch that put "held" back, then "held" alone.
+    assert _batches() == (batches + 3, admissions + 3)
+    for dataset_id in ("held", "free"):
+        charges = [
+            e for e in _assert_consistent(api, database, dataset_id) if e["kind"] == "charge"
+        ]
+        assert len(charges) == 1
+
+
 # -- live servers -----------------------------------------------------------------------------
 
 
