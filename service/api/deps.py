@@ -35,11 +35,6 @@ async def _pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-async def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 async def _key_cache(request: Request) -> KeyCache:
     cache: KeyCache = request.app.state.key_cache
     return cache
@@ -47,7 +42,6 @@ async def _key_cache(request: Request) -> KeyCache:
 
 DatabaseDep = Annotated[Database, Depends(_database)]
 PipelineDep = Annotated[Pipeline, Depends(_pipeline)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
 KeyCacheDep = Annotated[KeyCache, Depends(_key_cache)]
 
 

@@ -254,8 +254,11 @@ def _current_budget(session: Session, dataset: Dataset) -> Budget:
     another Budget moves the dataset's last seq past the kept one, which is then read afresh."""
     key = ("budget", dataset.id)
     kept: Budget | None = session.info.get(key)
-    current = kept is not None and kept.seq == dataset.last_seq
-    if current and kept is not None and kept.filter.epsilon_cap == dataset.epsilon_cap:
+    if (
+        kept is not None
+        and kept.seq == dataset.last_seq
+        and kept.filter.epsilon_cap == dataset.epsilon_cap
+    ):
         return kept
     budget = Budget.of(dataset)
     session.info[key] = budget

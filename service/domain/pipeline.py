@@ -20,9 +20,12 @@ overspend; each admission still reads and writes its own dataset's rows only.
 
 One admission's refusal or bad input never fails another: every `decide` checks before it
 changes anything, so a refusal leaves the batch's state as it found it (the tests plant
-refusals among admitted requests). An unexpected error, or a unique-key race with another
-process at commit, rolls the whole batch back; each of its admissions is then decided
-again in a transaction of its own, so the failure stays with the one that caused it.
+refusals among admitted requests). An unexpected error in one decision, or a unique-key
+race with another process (refused by the database), rolls the whole batch back before
+anything is written; the failing admission gets its error and the others are decided again,
+each in a transaction of its own. A commit that fails is never decided again — it may have
+landed, and a request without a key would be charged twice — so each of its admissions
+answers the error, and clients retry with their keys.
 
 Idempotency records store what the HTTP layer made of the first result (`Record`, given
 when the pipeline is built; the CLI's has none and takes no keys): the domain keeps them
@@ -36,9 +39,9 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -151,9 +154,9 @@ class Pipeline:
     def submit(self, admission: Admission[R]) -> R | Replayed:
         """Decide and commit `admission` (combined with others that arrive with it); its result,
         or the first answer to its Idempotency-Key; raises its refusal."""
-        if admission.dataset_id is None and admission.run_id is None:
+        dataset_id = self._dataset_of(admission)
+        if dataset_id is None:
             return self._alone(admission)
-        dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
         ticket: _Ticket[R] = _Ticket(admission, dataset_id)
         lane = self._lane
         with self._mutex:
@@ -274,7 +277,7 @@ class Pipeline:
                 if len(deferred) == len(batch):
                     return deferred
                 batch = [t for t in batch if t not in deferred]
-            records = _stored_records(session, batch)
+            records = _stored_records(session, [t.admission for t in batch])
             run_ids = [t.admission.run_id for t in batch if t.admission.run_id is not None]
             if run_ids:  # one statement loads every run the batch touches
                 statement = select(Run).where(Run.id.in_(sorted(set(run_ids))))
@@ -306,8 +309,7 @@ class Pipeline:
                     dataset = self._lock(session, admission)
                     if dataset is not None:
                         metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-                    single = [_Ticket(admission, "")]
-                    records = _stored_records(session, single)  # type: ignore[arg-type]
+                    records = _stored_records(session, [admission])
                     try:
                         result = self._decide(session, dataset, admission, records, tally)
                     except DomainError:
@@ -365,10 +367,16 @@ class Pipeline:
             records[(keyed.holder, keyed.key)] = (keyed.request_hash, status, body)
         return result
 
+    def _dataset_of(self, admission: Admission[R]) -> str | None:
+        """The dataset an admission locks: its own, or its run's; None for neither."""
+        if admission.run_id is not None and admission.dataset_id is None:
+            return self.dataset_of_run(admission.run_id)
+        return admission.dataset_id
+
     def _lock(self, session: Session, admission: Admission[R]) -> Dataset | None:
-        if admission.dataset_id is None and admission.run_id is None:
+        dataset_id = self._dataset_of(admission)
+        if dataset_id is None:
             return None
-        dataset_id = admission.dataset_id or self.dataset_of_run(admission.run_id or "")
         dataset = self.db.lock_dataset(session, dataset_id)
         if dataset is None:
             raise _missing(admission)
@@ -403,13 +411,11 @@ def _fail(ticket: _Ticket[R], error: BaseException) -> None:
 
 
 def _stored_records(
-    session: Session, batch: list[_Ticket[object]]
+    session: Session, admissions: Sequence[Admission[Any]]
 ) -> dict[tuple[str, str], tuple[str, int, str]]:
-    """The stored records of every Idempotency-Key in the batch, in one statement."""
+    """The stored records of every Idempotency-Key of `admissions`, in one statement."""
     wanted = {
-        (t.admission.idempotency.holder, t.admission.idempotency.key)
-        for t in batch
-        if t.admission.idempotency is not None
+        (a.idempotency.holder, a.idempotency.key) for a in admissions if a.idempotency is not None
     }
     if not wanted:
         return {}
