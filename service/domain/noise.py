@@ -10,8 +10,10 @@ Gaussian). So nothing here touches a float until the answer is formed:
    both the noise scale and the declared sensitivity's share per value, so
    rounding costs a fraction ≤ 2^-12 of either.
 2. Integer noise is drawn exactly — discrete Laplace or discrete Gaussian
-   (Canonne, Kamath & Steinke 2020, Algorithms 1–3) — with integer and
-   rational arithmetic only, from uniform integers cut from `os.urandom`.
+   (Canonne, Kamath & Steinke 2020, Algorithms 1–3; for a discrete Gaussian of
+   σ up to about 1,390 grid steps, by inversion of a uniform's lazily drawn
+   bits against rigorous bounds of its CDF) — with integer and rational
+   arithmetic only, from `os.urandom`.
 3. The answer is the exact grid point g · (n + Z), converted to the nearest
    float. That conversion is post-processing of an exactly private integer;
    it is exact whenever |y| < 2^53 · g, and inputs are refused above
@@ -143,6 +145,8 @@ class NoisePlan:
             if samplers.fits_laplace(self.parameter):
                 return samplers.laplace_array(rng, count, self.parameter)
             return [samplers.discrete_laplace(rng, self.parameter) for _ in range(count)]
+        if samplers.fits_table(self.parameter):
+            return samplers.gaussian_table(self.parameter).draw(rng, count)
         if samplers.fits_gaussian(self.parameter):
             return samplers.gaussian_array(rng, count, self.parameter)
         return [samplers.discrete_gaussian(rng, self.parameter) for _ in range(count)]
