@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         database.dispose()
     uvicorn.run(
-        "service.app:create_app",
+        "service.app:served_app",
         factory=True,
         host=args.host,
         port=args.port,
