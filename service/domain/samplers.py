@@ -444,9 +444,12 @@ class GaussianTable:
 
     def _bounds(self, half_width: int, bits: int) -> _Bounds:
         key = (half_width, bits)
-        if key not in self._refined:
-            self._refined[key] = _Bounds(self.variance, half_width, bits)
-        return self._refined[key]
+        bounds = self._refined.get(key)
+        if bounds is None:
+            if len(self._refined) >= 8:  # refinement is rare: keep only the last few
+                self._refined.clear()
+            bounds = self._refined[key] = _Bounds(self.variance, half_width, bits)
+        return bounds
 
     def _refine(self, rng: Csprng, word: int, bits: int) -> int:
         """The draw whose first `bits` bits are `word`: more bits, and where U may lie past the
