@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -198,9 +200,31 @@ def answer(result: object) -> tuple[int, Body]:
     return status, shape(result)
 
 
+# Results recorded under the lock and not yet answered: the response reuses the record's text
+# (`first_answer`) rather than rendering the result again. Keyed by the result's id, holding the
+# result so that the id cannot be reused meanwhile; a result that is never answered (its batch
+# failed to commit) is dropped with the oldest.
+_RECORDED: OrderedDict[int, tuple[object, int, str]] = OrderedDict()
+_RECORDED_LOCK = threading.Lock()
+_RECORDED_KEPT = 1024
+
+
 def recorded(result: object) -> tuple[int, str]:
     """What an Idempotency-Key's record keeps of a result, to replay it: status and JSON."""
     status, body = answer(result)
     # Exactly as JSONResponse renders the first answer, so a replay is the same bytes.
     text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    with _RECORDED_LOCK:
+        _RECORDED[id(result)] = (result, status, text)
+        while len(_RECORDED) > _RECORDED_KEPT:
+            _RECORDED.popitem(last=False)
     return status, text
+
+
+def first_answer(result: object) -> tuple[int, str] | None:
+    """The status and JSON text `recorded` made of this very result (once), or None."""
+    with _RECORDED_LOCK:
+        kept = _RECORDED.pop(id(result), None)
+    if kept is None or kept[0] is not result:
+        return None
+    return kept[1], kept[2]

@@ -21,6 +21,10 @@ def respond(result: object) -> Response:
             media_type="application/json",
             headers={"Idempotent-Replayed": "true"},
         )
+    first = render.first_answer(result)
+    if first is not None:  # the text its Idempotency-Key's record keeps: rendered once
+        status, text = first
+        return Response(text.encode(), status_code=status, media_type="application/json")
     status, body = render.answer(result)
     return JSONResponse(body, status_code=status)
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.service.conftest import ADMIN_KEY, Api, LiveServer
 
@@ -250,3 +251,32 @@ def test_dry_runs_are_not_recorded(api: Api) -> None:
     assert real.status_code == 201, real.text
     assert REPLAYED not in real.headers
     assert [e["kind"] for e in _ledger(api, "d")] == ["dataset_created", "charge"]
+
+
+def test_a_first_answer_is_the_recorded_text_and_its_replay_the_same_bytes(api: Api) -> None:
+    """The first answer to a key is the text its record keeps (rendered once, under the lock),
+    so the replay is byte for byte the first answer, headers aside."""
+    api.create_dataset("d", 5.0)
+    trainer = api.as_key(api.new_key("trainer", ["d"]))
+    headers = {"Idempotency-Key": "argmax-1"}
+    votes = {"mechanism": "noisy_argmax", "teachers": 9, "votes": [[5, 3, 1]] * 4}
+    for body in (RELEASE, {**votes, "noise_scale": 20.0}):
+        first = trainer.post("/v1/datasets/d/releases", body, headers=headers)
+        assert first.status_code == 201, first.text
+        replay = trainer.post("/v1/datasets/d/releases", body, headers=headers)
+        assert replay.headers[REPLAYED] == "true" and replay.content == first.content
+        assert first.headers["content-type"] == replay.headers["content-type"]
+        assert first.headers["content-type"] == "application/json"
+        headers = {"Idempotency-Key": "argmax-2"}
+
+
+def test_a_recorded_text_answers_its_own_result_once() -> None:
+    from service.api import render
+
+    first, other = object(), object()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(render, "answer", lambda result: (201, {"which": id(result)}))
+        status, text = render.recorded(first)
+    assert render.first_answer(other) is None
+    assert render.first_answer(first) == (status, text)
+    assert render.first_answer(first) is None  # taken once
