@@ -2,7 +2,8 @@
 
 The caller sends K histograms of votes from N teachers, each trained on its own
 disjoint part of the dataset. The service adds exact discrete Gaussian noise of
-std σ to every count (`service.domain.samplers`, from the OS's CSPRNG) and
+std σ to every count (`service.domain.samplers`, by exact inversion for σ up to
+about 1,390, from the OS's CSPRNG) and
 answers only the winning label of each histogram; the counts and the noise
 never leave this module. Counts are integers, so no grid is needed: the noise
 plan is the discrete Gaussian on the integers with σ² rounded up to a
