@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -175,8 +175,16 @@ class Shares:
     # The pure-sum member (share 0). Off only for the legacy uniform filter, so datasets
     # created before it keep exactly their figures.
     pure_sum: bool = True
+    # Computed once: the filter caches key on the shares, and hashing ~38 Fractions is not free.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_hash", hash((self.profile, self.orders, self.weights, self.pure_sum))
+        )
         grid = _checks.orders(self.orders)
         if len(self.weights) != grid.size:
             raise ValueError(f"shares: {len(self.weights)} weights for {grid.size} orders")

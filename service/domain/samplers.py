@@ -328,16 +328,22 @@ _WORD_BITS = 64
 
 
 def _exp_neg_fixed(num: int, den: int, bits: int) -> int:
-    """An integer within 2 of exp(−num/den)·2^bits, for 0 ≤ num/den ≤ 2^20.
+    """An integer within 2 of exp(−num/den)·2^bits, for num/den ≥ 0.
 
-    Decimal's exp is correctly rounded; with `bits`·log10(2) + 10 digits the two roundings
+    Decimal's exp is correctly rounded; with ⌊0.30103·bits⌋ + 17 digits the two roundings
     before it (the quotient, the scaling) move the result by far less than one unit, and the
-    truncation by less than one more.
+    truncation by less than one more. A private context (the caller's traps do not apply):
+    an exp that underflows is 0, still within 2 units.
     """
     digits = bits * 30103 // 100000 + 17
-    with decimal.localcontext() as context:
-        context.prec = digits
-        context.Emin = -(10**9)
+    context = decimal.Context(
+        prec=digits,
+        rounding=decimal.ROUND_HALF_EVEN,
+        Emin=-(10**9),
+        Emax=10**9,
+        traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+    )
+    with decimal.localcontext(context):
         value = (-(decimal.Decimal(num) / decimal.Decimal(den))).exp()
         return int(value * (decimal.Decimal(2) ** bits))
 
@@ -412,6 +418,8 @@ class GaussianTable:
     def __init__(self, variance: Fraction, *, word_bits: int = _WORD_BITS) -> None:
         if variance <= 0:
             raise ValueError("the discrete Gaussian's variance must be > 0")
+        if not 1 <= word_bits <= _WORD_BITS:
+            raise ValueError(f"word_bits must be from 1 to {_WORD_BITS}")
         self.variance = variance
         self._word_bits = word_bits
         self._half_width = _half_width(variance)
