@@ -297,10 +297,11 @@ def _json_integer_rows(value: Any) -> Any:
         for k, row in enumerate(value):
             if isinstance(row, list):
                 for c, count in enumerate(row):
-                    if type(count) is not int and isinstance(count, bool | str):
-                        raise ValueError(
-                            f"votes[{k}][{c}] must be a JSON integer, not a boolean or a string"
-                        )
+                    if type(count) is not int:  # the common case costs one type check
+                        try:
+                            _json_integer(count)
+                        except ValueError as exc:
+                            raise ValueError(f"votes[{k}][{c}] {exc}") from None
     return value
 
 

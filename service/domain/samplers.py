@@ -395,7 +395,7 @@ class _Bounds:
         # Mass on [−N, z] (A) and on [z + 1, N] (D), beside the tails T on either side.
         if z < 0:
             m = -z
-            below = total - (prefix[m - 1] if m >= 1 else 0) if m <= n else 0
+            below = total - prefix[m - 1] if m <= n else 0  # m ≥ 1
             above = total + prefix[m - 1] - prefix[0]
         else:
             below = total - prefix[0] + prefix[z]
