@@ -18,7 +18,8 @@ from scipy import optimize, special
 
 from accountant import _checks, exact
 from accountant._checks import FloatArray
-from accountant.members import MemberFilter, PureTotal
+from accountant.mechanisms import Mechanism, SubsampledGaussian
+from accountant.members import MemberFilter, PureTotal, Shares, first_admission_shares
 from accountant.orders import CALIBRATION_ORDERS
 from accountant.rdp import (
     Orders,
@@ -31,6 +32,7 @@ from accountant.rdp import (
 
 __all__ = [
     "dp_sgd_epsilon",
+    "first_admission_fit",
     "fit_remaining",
     "gaussian_epsilon",
     "gaussian_sigma",
@@ -168,6 +170,29 @@ def fit_remaining(
             "remains of the dataset's cap"
         )
     return sigma
+
+
+def first_admission_fit(
+    epsilon_cap: float,
+    delta: float,
+    sample_rate: float,
+    steps_per_epoch: int,
+    epochs: int,
+    shape: Mechanism | None = None,
+) -> tuple[float, Shares] | None:
+    """`sigma_that_fits` on an empty dataset whose shares the plan itself fixes (the
+    first_admission profile), with those shares; None when no σ up to SIGMA_MAX fits.
+
+    A plan that fills the cap fixes the shares of its shape (`shape`, any σ: by default the
+    Poisson-subsampled plan of sample_rate and all its steps) with `fill`, which σ does not
+    enter, so they are known before σ is fitted.
+    """
+    plan = shape or SubsampledGaussian(sample_rate, 1.0, steps_per_epoch * epochs)
+    shares = first_admission_shares(epsilon_cap, delta, plan, fill=True)
+    privacy_filter = MemberFilter(epsilon_cap, delta, shares)
+    empty = (0,) * privacy_filter.orders.size
+    sigma = sigma_that_fits(privacy_filter, empty, sample_rate, steps_per_epoch, epochs)
+    return (sigma, shares) if sigma is not None else None
 
 
 def sigma_that_fits(

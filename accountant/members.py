@@ -40,6 +40,7 @@ exact, so 10 releases of ε = 0.1 fill a cap of 1 exactly and report 1.0.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import numpy.typing as npt
 
 from accountant import _checks
 from accountant._checks import FloatArray
-from accountant.mechanisms import Laplace, Mechanism, PureDP
+from accountant.mechanisms import Laplace, Mechanism, PureDP, SubsampledGaussian
 from accountant.orders import DEFAULT_ORDERS, SHARE_CANDIDATE_ORDERS
 from accountant.rdp import Orders, conversion_offset
 
@@ -64,9 +65,11 @@ __all__ = [
     "decimal_ceiling",
     "default_shares",
     "explicit_shares",
+    "first_admission_shares",
     "heavy_order",
     "plan_order",
     "pure_total",
+    "shape_order",
     "uniform_shares",
 ]
 
@@ -75,6 +78,9 @@ _SAFETY = 1e-9
 # The plan hint (`default_shares(..., plan=...)`, the service's dp_sgd profile): this much of δ
 # on the plan's own best order; the rest spread evenly over DEFAULT_ORDERS.
 DEFAULT_HEAVY_SHARE = Fraction(9, 10)
+# The first_admission profile: the first request says which shape the dataset spends in, so the
+# filter bets more of δ on its order (docs/accounting.md §3.1, bench/tightness.py's sweep).
+FIRST_ADMISSION_SHARE = Fraction(19, 20)
 # The default profile (no plan known), chosen by bench/tightness.py's shape sweep and a
 # minimax search (docs/accounting.md §3.1): 4/5 of δ on the Gaussian-shaped history's best
 # order α*; a band below it, where DP-SGD curves that bend (small σ: few steps, small q) convert
@@ -256,6 +262,7 @@ def plan_order(
     sample_rate: float,
     steps: int,
     candidates: Orders = SHARE_CANDIDATE_ORDERS,
+    share: Fraction = DEFAULT_HEAVY_SHARE,
 ) -> float:
     """The order at which the DP-SGD plan (sample_rate, steps) that reaches the cap converts best.
 
@@ -267,17 +274,109 @@ def plan_order(
     from accountant.calibrate import noise_multiplier
     from accountant.rdp import subsampled_gaussian, to_epsilon
 
-    heavy_delta = float(Fraction(delta) * DEFAULT_HEAVY_SHARE)
+    heavy_delta = float(Fraction(delta) * share)
     grid = _checks.orders(candidates)
     sigma = noise_multiplier(epsilon_cap, heavy_delta, sample_rate, steps, grid)
     curve = subsampled_gaussian(sample_rate, sigma, steps, grid)
     return to_epsilon(curve, heavy_delta, grid)[1]
 
 
+def _heavy_and_thin(alpha: float, heavy: Fraction = DEFAULT_HEAVY_SHARE) -> Shares:
+    """`heavy` of δ on α, the rest spread evenly over the other orders of DEFAULT_ORDERS."""
+    thin = [float(a) for a in DEFAULT_ORDERS if float(a) != alpha]
+    grid = sorted([*thin, alpha])
+    thin_weight = (1 - heavy) / len(thin)
+    return Shares("default", tuple(grid), tuple(heavy if a == alpha else thin_weight for a in grid))
+
+
+def shape_order(
+    epsilon_cap: float,
+    delta: float,
+    curve: npt.ArrayLike,
+    candidates: Orders = SHARE_CANDIDATE_ORDERS,
+    share: Fraction = FIRST_ADMISSION_SHARE,
+) -> float:
+    """The order at which repeats of a mechanism with RDP curve `curve` (on `candidates`) that
+    reach the cap convert best.
+
+    RDP composes by addition, so k repeats cost k·curve(α). For each α the largest k with
+    k·curve(α) + offset(δ_h, α) ≤ cap is (cap − offset)/curve(α) (offset: Balle et al. 2020,
+    Prop. 12; δ_h = share·δ); the history that reaches the cap has the largest such k, at the
+    returned α. Scaling the curve does not move it: one epoch and its whole run, one release
+    and a thousand, give the same order. For c·α (a Gaussian release) it is `heavy_order`.
+    Where no order can hold any multiple of the curve (0 or infinite everywhere, or the offset
+    alone above the cap), the Gaussian-shaped order.
+    """
+    cap = _checks.positive("epsilon_cap", epsilon_cap)
+    d = _checks.open_probability("delta", delta)
+    grid = _checks.orders(candidates)
+    values = np.asarray(curve, dtype=np.float64)
+    if values.shape != grid.shape or np.any(np.isnan(values)) or np.any(values < 0):
+        raise ValueError("curve: one value ≥ 0 per candidate order, no NaN")
+    room = cap - conversion_offset(float(Fraction(d) * share), grid)
+    usable = (room > 0) & (values > 0) & np.isfinite(values)
+    if not np.any(usable):
+        return heavy_order(cap, d, grid, share)
+    scale = np.where(usable, room / np.where(usable, values, 1.0), -np.inf)
+    return float(grid[int(np.argmax(scale))])
+
+
+def first_admission_shares(
+    epsilon_cap: float, delta: float, mechanism: Mechanism, *, fill: bool = False
+) -> Shares:
+    """The shares a dataset of the first_admission profile fixes at its first admission.
+
+    19/20 of δ on the order where the history the first admitted request announces converts
+    best when it reaches the cap, 1/20 spread over the other orders of DEFAULT_ORDERS:
+    - a request with its own σ (a run's whole plan, a release): more of the same, k repeats of
+      its curve (`shape_order`) — a one-epoch smoke run at the real run's σ announces the real
+      run exactly;
+    - `fill` (a DP-SGD plan with fit_remaining, whose σ is chosen to fill the cap): the plan of
+      that sample rate and step count whose σ brings it to the cap (`plan_order`), known
+      before σ is fitted; at the fitted σ this is `shape_order`'s answer (k = 1);
+    - pure ε-DP (Laplace, PureDP): summed exactly by the pure-sum member, so the RDP shares go
+      where Gaussian-family mechanisms that may follow convert best (`heavy_order`).
+    A cap of 0 (nothing can be admitted): the largest candidate order. The mechanism is the
+    analyst's first request, chosen before any output of the dataset, so the shares are fixed
+    before any output, as the filter's proof needs (docs/accounting.md §3.1, "Shares fixed at
+    the first admission").
+    """
+    return _heavy_and_thin(
+        _first_admission_order(epsilon_cap, delta, mechanism, fill), FIRST_ADMISSION_SHARE
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_admission_order(
+    epsilon_cap: float, delta: float, mechanism: Mechanism, fill: bool
+) -> float:
+    if epsilon_cap <= 0:
+        return float(SHARE_CANDIDATE_ORDERS[-1])
+    share = FIRST_ADMISSION_SHARE
+    if pure_total(mechanism).is_pure:
+        return heavy_order(epsilon_cap, delta, share=share)
+    if fill and isinstance(mechanism, SubsampledGaussian):
+        return _fill_order(epsilon_cap, delta, mechanism.sample_rate, mechanism.steps)
+    grid = _checks.orders(SHARE_CANDIDATE_ORDERS)
+    return shape_order(epsilon_cap, delta, mechanism.rdp(grid), grid, share)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fill_order(epsilon_cap: float, delta: float, sample_rate: float, steps: int) -> float:
+    """`plan_order` at the first_admission share, memoised on the plan's shape (σ does not
+    enter): it calibrates a plan, milliseconds, up to ~1 s at extreme caps."""
+    share = FIRST_ADMISSION_SHARE
+    try:
+        return plan_order(epsilon_cap, delta, sample_rate, steps, share=share)
+    except ValueError:  # no σ in range brings this plan to the cap
+        return heavy_order(epsilon_cap, delta, share=share)
+
+
 def default_shares(
     epsilon_cap: float, delta: float, plan: tuple[float, int] | None = None
 ) -> Shares:
-    """The default profile: 4/5 of δ on α*, a band below it, the rest thin over DEFAULT_ORDERS.
+    """The default profile fixed at creation: 17/20 of δ on α*, a band below it, the rest thin
+    over DEFAULT_ORDERS.
 
     α* = `heavy_order(cap, δ, share=GAUSSIAN_SHARE)`: where a Gaussian-shaped history that
     reaches the cap converts best. The band (`BAND_SHARES`) sits at α − 1 = (α* − 1)·e^−0.2
@@ -290,12 +389,7 @@ def default_shares(
     on `plan_order(cap, δ, *plan)`, 1/10 spread over the other orders of DEFAULT_ORDERS.
     """
     if plan is not None:
-        alpha = plan_order(epsilon_cap, delta, *plan)
-        thin = [float(a) for a in DEFAULT_ORDERS if float(a) != alpha]
-        grid = sorted([*thin, alpha])
-        thin_weight = (1 - DEFAULT_HEAVY_SHARE) / len(thin)
-        weights = tuple(DEFAULT_HEAVY_SHARE if a == alpha else thin_weight for a in grid)
-        return Shares("default", tuple(grid), weights)
+        return _heavy_and_thin(plan_order(epsilon_cap, delta, *plan))
     alpha = heavy_order(epsilon_cap, delta, share=GAUSSIAN_SHARE)
     heavy: dict[float, Fraction] = {alpha: GAUSSIAN_SHARE}
     candidates = _checks.orders(SHARE_CANDIDATE_ORDERS)

@@ -1,4 +1,4 @@
-"""How tight is the cap filter? Uniform shares against the default profile, in one run.
+"""How tight is the cap filter? Uniform shares against the default profiles, in one run.
 
     .venv/bin/python -m bench.tightness [--quick] [--prv] [--sweep-only]
 
@@ -6,24 +6,28 @@ For each workload and δ it prints one Markdown row: the cap, the same sequence'
 non-adaptive RDP ε at the full δ on dp_accounting's dense default grid (our curves,
 dp_accounting's `compute_epsilon`: the baseline), its PLD ε (dp_accounting, discretisation
 1e-3, this sequence alone) and Opacus' RDP ε (and PRV with --prv, ~7 s a plan); then the
-ledger's reported ε with uniform shares (δ/35 each, the shipped filter) and with the default
-profile, at the cap and partway; how much of the workload the cap admits under each (runs or
-releases; for one run, the σ of a plan that fills the empty cap) against what non-adaptive
-RDP allows; and whether the goal holds: the default filter admits everything whose
-non-adaptive RDP ε is ≤ cap/1.01 (a filling σ ≤ 1.01 × RDP's), pure-DP sums exactly, and
-never reports below the exact ε where one is known (Gaussian releases: Balle & Wang 2018).
+ledger's reported ε with uniform shares (δ/35 each), with the `default` profile (fixed at
+creation from the cap and δ) and with `first_admission` (the profile a dataset gets when none
+is named: fixed by its first request, a run's whole plan or the first release), at the cap
+and partway; how much of the workload the cap admits under each (runs or releases; for one
+run, the σ of a plan that fills the empty cap) against what non-adaptive RDP allows; and
+whether the goal holds for first_admission: everything whose non-adaptive RDP ε is ≤ cap/1.01
+is admitted (for one run: the filling σ ≤ 1.01 × RDP's and ≤ the σ of RDP ε = cap/1.01),
+pure-DP sums exactly, and, for both profiles, never a report below the exact ε where one is
+known (Gaussian releases: Balle & Wang 2018) or below min(PLD, RDP).
 
 Then the *shape sweep*: DP-SGD plans q ∈ {1e-3, 1e-2, 0.1, 1} × steps ∈ {1, 10, 300, 3000,
 30000} (q = 1: plain Gaussian) and the MNIST/CIFAR runs, caps 0.5/1/3/8, δ 1e-5/1e-7: the σ
 that fills the empty cap over the σ non-adaptive RDP needs at the full δ (dense grid) under
-uniform shares, the previous default (9/10 on one order), the default and the plan hint; and
-the short runs that the previous default refused (q = 0.01, 300 steps, RDP ε 1 on caps 1.5 and
-1.6, ε 2 on a cap of 3): their reported ε under each.
+uniform shares, the previous default (9/10 on one order), the default, the plan hint and
+first_admission; and the short runs that the previous default refused (q = 0.01, 300 steps,
+RDP ε 1 on caps 1.5 and 1.6, ε 2 on a cap of 3): their reported ε under each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -40,6 +44,7 @@ from accountant.members import (
     PureTotal,
     Shares,
     default_shares,
+    first_admission_shares,
     heavy_order,
     pure_total,
     uniform_shares,
@@ -65,6 +70,9 @@ class Workload:
     cap: float | None = None  # None: the sequence's own non-adaptive RDP ε
     plan: tuple[float, int, int] | None = None  # (q, steps/epoch, epochs): a fill-σ row
     exact_epsilon: Callable[[int], float] | None = None
+    # The first request as the service sees it (a run: its whole plan, whose shape fixes a
+    # first_admission dataset's shares); None: the first mechanism.
+    first_request: mechanisms.Mechanism | None = None
 
 
 def rdp_epsilon(history: list[mechanisms.Mechanism], delta: float) -> float:
@@ -152,6 +160,12 @@ def run_unit(shape: tuple[str, float, int, int], sigma: float) -> list[mechanism
     return [mechanisms.SubsampledGaussian(q, sigma, steps)] * epochs
 
 
+def run_plan(shape: tuple[str, float, int, int], sigma: float) -> mechanisms.Mechanism:
+    """The same run as one plan: what its hold, the service's first admission, is."""
+    _, q, steps, epochs = shape
+    return mechanisms.SubsampledGaussian(q, sigma, steps * epochs)
+
+
 def workloads(quick: bool) -> list[Workload]:
     out: list[Workload] = []
     for delta in (1e-5, 1e-7):
@@ -167,13 +181,17 @@ def workloads(quick: bool) -> list[Workload]:
                         delta,
                         cap=eps,
                         plan=(q, steps, epochs),
+                        first_request=run_plan(shape, sigma),
                     )
                 )
         sigma_1 = calibrate.noise_multiplier(1.0, delta, MNIST[1], 235 * 60, DENSE_ORDERS)
-        out.append(Workload("3 MNIST runs of ε=1", run_unit(MNIST, sigma_1), 3, delta))
+        plan_1 = run_plan(MNIST, sigma_1)
+        three = Workload("3 MNIST runs of ε=1", run_unit(MNIST, sigma_1), 3, delta)
+        out.append(dataclasses.replace(three, first_request=plan_1))
         g01 = calibrate.gaussian_sigma(0.1, delta)
         run_plus = [*run_unit(MNIST, sigma_1), *[mechanisms.Gaussian(g01)] * 100]
-        out.append(Workload("run ε=1 + 100 Gaussian ε=0.1", run_plus, 1, delta))
+        mixed = Workload("run ε=1 + 100 Gaussian ε=0.1", run_plus, 1, delta)
+        out.append(dataclasses.replace(mixed, first_request=plan_1))
         out.append(Workload("10 Laplace ε=0.1", [mechanisms.Laplace(10.0)], 10, delta, cap=1.0))
         g005 = calibrate.gaussian_sigma(0.05, delta)
         out.append(
@@ -195,9 +213,12 @@ def measure(work: Workload, prv: bool) -> str:
     pld = pld_epsilon(history, work.delta)
     op_rdp, op_prv = opacus_epsilons(history, work.delta, prv)
     pure_sum = sum((pure_total(m) for m in history), PureTotal())
+    # What the first admission fixes: the first unit's first mechanism (a run's epoch has the
+    # shape of its whole plan); a fill-σ row fixes them with the σ it fits (below).
     shares = {
         "uniform": uniform_shares(),
         "default": default_shares(cap, work.delta),
+        "first": first_admission_shares(cap, work.delta, work.first_request or history[0]),
     }
     reported: dict[str, tuple[float, float]] = {}
     admitted: dict[str, str] = {}
@@ -216,21 +237,23 @@ def measure(work: Workload, prv: bool) -> str:
         reported[label] = (whole.epsilon(), half_eps)
         if work.plan is not None:
             q, steps, epochs = work.plan
-            sigma_fill = calibrate.fit_remaining(
-                privacy_filter, [0] * len(whole.orders), q, steps, epochs
-            )
+            if label == "first":
+                fitted = calibrate.first_admission_fit(cap, work.delta, q, steps, epochs)
+                assert fitted is not None
+                sigma_fill = fitted[0]
+            else:
+                sigma_fill = calibrate.fit_remaining(
+                    privacy_filter, [0] * len(whole.orders), q, steps, epochs
+                )
             sigma_rdp = work.units[0].noise_multiplier  # type: ignore[union-attr]
             admitted[label] = f"σ {sigma_fill:.4f} ({sigma_fill / sigma_rdp:.4f}×)"
-            if label == "default":
-                goal.append(sigma_fill <= 1.01 * sigma_rdp)
-                # The same with the heavy share on the plan's own best order (plan hint).
-                hinted = MemberFilter(
-                    cap, work.delta, default_shares(cap, work.delta, (q, steps * epochs))
+            if label == "first":
+                # Both halves of the goal: the filling σ within 1 % of RDP's, and the plan
+                # whose RDP ε is cap/1.01 admitted (its σ at least the filling one).
+                sigma_goal = calibrate.noise_multiplier(
+                    cap / 1.01, work.delta, q, steps * epochs, DENSE_ORDERS
                 )
-                sigma_hint = calibrate.fit_remaining(
-                    hinted, [0] * len(hinted.orders), q, steps, epochs
-                )
-                admitted[label] += f"; hinted σ {sigma_hint:.4f} ({sigma_hint / sigma_rdp:.4f}×)"
+                goal.append(sigma_fill <= min(1.01 * sigma_rdp, sigma_goal))
         else:
             # Keep posting units (whole units; for one unit, its mechanisms) until refused.
             granular = work.count == 1
@@ -242,7 +265,7 @@ def measure(work: Workload, prv: bool) -> str:
                     break
                 taken += 1
             admitted[label] = f"{taken}"
-            if label == "default":
+            if label == "first":
                 # Goal: everything whose RDP ε ≤ cap/1.01 is admitted.
                 allowed = _rdp_allows(work, cap / 1.01, granular)
                 goal.append(taken >= allowed)
@@ -251,18 +274,20 @@ def measure(work: Workload, prv: bool) -> str:
         rdp_col = f"σ {work.units[0].noise_multiplier:.4f}"  # type: ignore[union-attr]
     else:
         rdp_col = f"{rdp_allows}"
-    if pure_sum.is_pure:
-        goal.append(reported["default"][0] == pure_sum.epsilon())
-    if work.exact_epsilon is not None:
-        goal.append(reported["default"][0] >= work.exact_epsilon(work.count))
-    goal.append(reported["default"][0] >= min(pld, baseline) - 1e-9 or math.isnan(pld))
-    u, d = reported["uniform"], reported["default"]
+    for label in ("default", "first"):  # the validity checks hold for every profile
+        at_cap = reported[label][0]
+        if pure_sum.is_pure:
+            goal.append(at_cap == pure_sum.epsilon())
+        if work.exact_epsilon is not None:
+            goal.append(at_cap >= work.exact_epsilon(work.count))
+        goal.append(at_cap >= min(pld, baseline) - 1e-9 or math.isnan(pld))
+    u, d, f = reported["uniform"], reported["default"], reported["first"]
     pure_col = _f(pure_sum.epsilon() if pure_sum.is_pure else math.nan)
     return (
         f"| {work.name} | {work.delta:g} | {cap:.4f} | {baseline:.4f} | {_f(pld)} | "
         f"{_f(op_rdp)} / {_f(op_prv)} | {pure_col} | "
-        f"{u[0]:.4f} / {d[0]:.4f} | {u[1]:.4f} / {d[1]:.4f} | "
-        f"{admitted['uniform']} / {admitted['default']} / {rdp_col} | "
+        f"{u[0]:.4f} / {d[0]:.4f} / {f[0]:.4f} | {u[1]:.4f} / {d[1]:.4f} / {f[1]:.4f} | "
+        f"{admitted['uniform']} / {admitted['default']} / {admitted['first']} / {rdp_col} | "
         f"{'yes' if all(goal) else 'NO'} |"
     )
 
@@ -303,8 +328,12 @@ SWEEP_SHAPES = [
 ]
 
 
+SWEEP_LABELS = ("uniform", "previous", "default", "hint", "first")
+
+
 def sweep_profiles(cap: float, delta: float, plan: tuple[float, int]) -> dict[str, Shares]:
-    """The four filters the sweep compares for one (cap, δ) and plan shape."""
+    """The filters fixed before the plan's σ is known, for one (cap, δ) and plan shape (the
+    sweep adds first_admission's, which the plan's σ fixes)."""
     return {
         "uniform": uniform_shares(),
         "previous": previous_default_shares(cap, delta),
@@ -317,7 +346,7 @@ def shape_sweep() -> list[str]:
     """One Markdown row per (δ, cap, shape): fill-σ ratios to non-adaptive RDP's σ."""
     lines = [
         "| δ | cap | q | steps | RDP σ (δ, dense) | fill σ / RDP σ: uniform / previous "
-        "/ default / hint | RDP ε ≤ cap/1.01 admitted (default) |",
+        "/ default / hint / first admission | RDP ε ≤ cap/1.01 admitted (first admission) |",
         "|" + "---|" * 7,
     ]
     worst: dict[str, float] = {}
@@ -334,31 +363,38 @@ def shape_sweep() -> list[str]:
                         privacy_filter, [0] * privacy_filter.orders.size, q, steps, 1
                     )
                     ratios[label] = fill / sigma_rdp
-                    worst[label] = max(worst.get(label, 0.0), ratios[label])
-                worst_vs_uniform = max(worst_vs_uniform, ratios["default"] / ratios["uniform"])
-                admitted = ratios["default"] * sigma_rdp <= sigma_goal
+                fitted = calibrate.first_admission_fit(cap, delta, q, steps, 1)
+                assert fitted is not None
+                ratios["first"] = fitted[0] / sigma_rdp
+                for label, ratio in ratios.items():
+                    worst[label] = max(worst.get(label, 0.0), ratio)
+                worst_vs_uniform = max(worst_vs_uniform, ratios["first"] / ratios["uniform"])
+                admitted = ratios["first"] * sigma_rdp <= sigma_goal
                 lines.append(
                     f"| {delta:g} | {cap:g} | {q:.4g} | {steps} | {sigma_rdp:.4f} | "
-                    + " / ".join(f"{ratios[k]:.4f}" for k in ("uniform", "previous", "default"))
-                    + f" / {ratios['hint']:.4f} | {'yes' if admitted else 'no'} |"
+                    + " / ".join(f"{ratios[k]:.4f}" for k in SWEEP_LABELS)
+                    + f" | {'yes' if admitted else 'no'} |"
                 )
     lines.append("")
     lines.append(
         "worst fill σ / RDP σ: "
         + ", ".join(f"{k} {v:.4f}" for k, v in worst.items())
-        + f"; default / uniform at most {worst_vs_uniform:.4f}"
+        + f"; first admission / uniform at most {worst_vs_uniform:.4f}"
     )
     lines.append("")
     lines.append(
         "| short run (q = 0.01, 300 steps) | δ | cap | reported ε: uniform / previous / default "
-        "/ hint | admitted: uniform / previous / default / hint |"
+        "/ hint / first admission | admitted: uniform / previous / default / hint / first "
+        "admission |"
     )
     lines.append("|" + "---|" * 5)
     for eps, cap in ((1.0, 1.5), (1.0, 1.6), (2.0, 3.0)):
         delta = 1e-5
         sigma = calibrate.noise_multiplier(eps, delta, 0.01, 300, DENSE_ORDERS)
         reported, admitted_by = [], []
-        for shares in sweep_profiles(cap, delta, (0.01, 300)).values():
+        profiles = list(sweep_profiles(cap, delta, (0.01, 300)).values())
+        run = mechanisms.SubsampledGaussian(0.01, sigma, 300)
+        for shares in [*profiles, first_admission_shares(cap, delta, run)]:
             privacy_filter = MemberFilter(cap, delta, shares)
             units = exact.to_units(rdp.subsampled_gaussian(0.01, sigma, 300, shares.orders))
             curve, pure = exact.to_curve(units), PureTotal(impure=1)
@@ -388,8 +424,9 @@ def main() -> None:
         return
     print(
         "| workload | δ | cap | RDP ε (δ, dense) | PLD ε | Opacus RDP / PRV | ε sum (pure) "
-        "| reported at cap: uniform / default | partway (half): uniform / default "
-        "| admitted: uniform / default / RDP allows | goal |"
+        "| reported at cap: uniform / default / first admission "
+        "| partway (half): uniform / default / first admission "
+        "| admitted: uniform / default / first admission / RDP allows | goal |"
     )
     print("|" + "---|" * 11)
     for work in workloads(args.quick):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trainer_client._http import Call, Pages, segment
@@ -27,9 +27,16 @@ def create_dataset(
     delta: float,
     description: str | None,
     idempotency_key: str | None,
+    shares: Mapping[str, Any] | None = None,
 ) -> Call:
     """POST /v1/datasets."""
-    body = _fields(id=dataset_id, epsilon_cap=epsilon_cap, delta=delta, description=description)
+    body = _fields(
+        id=dataset_id,
+        epsilon_cap=epsilon_cap,
+        delta=delta,
+        description=description,
+        shares=dict(shares) if shares is not None else None,
+    )
     return Call("POST", "/v1/datasets", body=body, idempotency_key=idempotency_key)
 
 

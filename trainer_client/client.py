@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -138,14 +138,18 @@ class LedgerClient(ClientBase[httpx.Client]):
         delta: float,
         description: str | None = None,
         idempotency_key: str | None = None,
+        shares: Mapping[str, Any] | None = None,
     ) -> Dataset:
-        """Create a dataset with its budget (admin)."""
+        """Create a dataset with its budget (admin). `shares`: how its filter shares δ, e.g.
+        `{"profile": "default"}` (absent: `first_admission`, fixed by its first admission;
+        docs/api.md lists the profiles)."""
         call = _calls.create_dataset(
             dataset_id,
             epsilon_cap=epsilon_cap,
             delta=delta,
             description=description,
             idempotency_key=idempotency_key,
+            shares=shares,
         )
         return Dataset.from_json(self._json(call))
 

@@ -160,7 +160,9 @@ def _dry_run_fields(body: _Body) -> dict[str, Any]:
 class Shares:
     """A dataset's filter members: a share of δ per RDP order, and the pure-ε sum.
 
-    Fixed when the dataset was created; `weights` are exact fractions ("num/den").
+    Fixed when the dataset was created, or, for the `first_admission` profile, by its first
+    admission (`fixed_at_seq`; `weights` is empty until then); `weights` are exact fractions
+    ("num/den").
     """
 
     profile: str
@@ -168,6 +170,7 @@ class Shares:
     weights: tuple[str, ...]
     pure_sum: bool
     plan: Mapping[str, Any] | None = field(default=None, hash=False)
+    fixed_at_seq: int | None = None
 
     @classmethod
     def from_json(cls, obj: object) -> Shares:
@@ -182,6 +185,7 @@ class Shares:
             weights=tuple(weights),
             pure_sum=b.flag("pure_sum"),
             plan=b.opt_mapping("plan"),
+            fixed_at_seq=b.opt_integer("fixed_at_seq"),
         )
 
 

@@ -81,9 +81,18 @@ class Public(BaseModel):
 Weight = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(/[0-9]+|\.[0-9]+)?$")]
 
 
+class FirstAdmissionShares(Request):
+    """19/20 of δ on the order where a history shaped like the dataset's first admitted request
+    converts best when it reaches the cap, 1/20 spread thin; fixed by that first admission
+    (the profile used when none is given)."""
+
+    profile: Literal["first_admission"]
+
+
 class DefaultShares(Request):
-    """9/10 of δ on the order where a Gaussian-shaped history reaching the cap converts best,
-    1/10 spread thin (needs a cap above 0)."""
+    """Fixed at creation: 17/20 of δ on the order where a Gaussian-shaped history reaching the
+    cap converts best, a band below it for DP-SGD runs that bend, the rest thin (needs a cap
+    above 0)."""
 
     profile: Literal["default"]
 
@@ -116,7 +125,8 @@ class ExplicitShares(Request):
 
 # How δ is shared among the filter's members; fixed at creation, kept by cap changes.
 SharesCreate = Annotated[
-    DefaultShares | UniformShares | DpSgdShares | ExplicitShares, Field(discriminator="profile")
+    FirstAdmissionShares | DefaultShares | UniformShares | DpSgdShares | ExplicitShares,
+    Field(discriminator="profile"),
 ]
 
 
@@ -126,7 +136,7 @@ class DatasetCreate(Request):
     delta: Real = Field(ge=MIN_PROBABILITY, lt=1, description="Fixed at creation.")
     description: Description = ""
     shares: SharesCreate | None = Field(
-        None, description="The filter's shares of δ (default profile when absent)."
+        None, description="The filter's shares of δ (first_admission when absent)."
     )
 
 
@@ -140,15 +150,23 @@ class DatasetUpdate(Request):
 class SharesPublic(Public):
     """The filter's members: an RDP member per order with a share of δ, and the pure sum."""
 
-    profile: Literal["default", "dp_sgd", "uniform", "explicit"]
+    profile: Literal["first_admission", "default", "dp_sgd", "uniform", "explicit"]
     orders: list[float] = Field(description="The dataset's order grid Λ.")
-    weights: list[str] = Field(description='Each order\'s share of δ, exact ("num/den").')
+    weights: list[str] = Field(
+        description='Each order\'s share of δ, exact ("num/den"); empty while a '
+        "first_admission dataset has admitted nothing (its first admission fixes them)."
+    )
     pure_sum: bool = Field(
         description="Whether the filter has the pure-ε sum member (basic composition, share "
         "0); false only for datasets created before it existed."
     )
     plan: dict[str, Any] | None = Field(
         None, description="dp_sgd: the planned run shape the heavy order was placed for."
+    )
+    fixed_at_seq: int | None = Field(
+        None,
+        description="first_admission: the ledger entry whose admission fixed the shares (it "
+        "records them); null until then, and for the other profiles (fixed at creation).",
     )
 
 

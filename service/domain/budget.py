@@ -1,7 +1,10 @@
 """A dataset's budget state in memory: its member filter, its curves and its pure-ε sums.
 
 A dataset's filter is `accountant.members.MemberFilter` with the shares of δ fixed
-when it was created (docs/accounting.md §3). Its state is the posted (charges) and
+when it was created or, for the first_admission profile, by its first admission
+(docs/accounting.md §3.1): until then nothing is posted or held, so no figure depends on
+them, and the first cost a budget is asked about carries the shares it would fix (`Cost.fixes`)
+and is decided with them; holding or charging it fixes them. Its state is the posted (charges) and
 pending (holds) RDP curves in exact units, and — when the filter has the pure-sum
 member — the exact pure-ε sums of the same two (`PureTotal`: an ε sum and a count of
 non-pure items, so releasing a DP-SGD hold subtracts exactly and gives the pure member
@@ -16,14 +19,22 @@ of one kind, has the same curve.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-from accountant import exact
+from accountant import DEFAULT_ORDERS, exact
 from accountant.mechanisms import Mechanism
-from accountant.members import Decision, MemberFilter, PureTotal, Shares, pure_total
+from accountant.members import (
+    Decision,
+    MemberFilter,
+    PureTotal,
+    Shares,
+    first_admission_shares,
+    pure_total,
+    uniform_shares,
+)
 from accountant.rdp import to_epsilon
 from service.storage.models import Dataset
 
@@ -38,34 +49,69 @@ class Cost:
 
     units: Units
     pure: PureTotal
+    # On a dataset whose shares are not fixed yet: the shares this cost fixes if it is held or
+    # charged (its units are on their grid).
+    fixes: StoredShares | None = None
 
     def times(self, copies: int) -> Cost:
         """`copies` of this cost (a run's hold is epochs × one epoch)."""
         # Not PureTotal.times: a finished run releases 0 copies of its epoch.
         pure = PureTotal(self.pure.epsilon_sum * copies, self.pure.impure * copies)
-        return Cost([copies * unit for unit in self.units], pure)
+        return Cost([copies * unit for unit in self.units], pure, self.fixes)
 
 
 @dataclass(frozen=True)
 class StoredShares:
     """A dataset's shares as stored: the filter's Shares and how the admin chose them.
 
-    `profile` is the admin's choice (uniform, default, dp_sgd, explicit); the dp_sgd
-    profile is the default split with its heavy order placed for a planned run shape
-    (`plan`: sample_rate and steps), so its filter Shares carry the profile "default".
+    `profile` is the admin's choice (first_admission, default, dp_sgd, uniform, explicit);
+    the dp_sgd profile is the default split with its heavy order placed for a planned run
+    shape (`plan`: sample_rate and steps), so its filter Shares carry the profile "default",
+    as do first_admission's once fixed. A first_admission dataset is `unfixed` until its first
+    admission: its weights are then empty and `shares` is a stand-in on its grid (uniform) that
+    decides no figure (nothing is posted or held; a cost is decided with the shares it fixes).
+    `fixed_at_seq` is the entry that fixed them (first_admission only).
     """
 
     profile: str
     shares: Shares
     plan: dict[str, Any] | None = None
+    unfixed: bool = False
+    fixed_at_seq: int | None = None
 
     def to_json(self) -> str:
         """The text stored on the dataset row and in its `dataset_created` entry."""
         return json.dumps(self.public(), separators=(",", ":"))
 
     def public(self) -> dict[str, Any]:
-        """As shown on the dataset and recorded in its first entry."""
-        return {**self.shares.params(), "profile": self.profile, "plan": self.plan}
+        """As shown on the dataset and recorded in its first entry (and, for first_admission,
+        in the entry that fixed them)."""
+        shown = {**self.shares.params(), "profile": self.profile, "plan": self.plan}
+        if self.profile == FIRST_ADMISSION:
+            shown["fixed_at_seq"] = self.fixed_at_seq
+            if self.unfixed:
+                shown["weights"] = []
+        return shown
+
+    def unfixed_form(self) -> dict[str, Any]:
+        """What a first_admission dataset recorded at creation: its grid, no weights yet."""
+        return {**self.public(), "weights": [], "fixed_at_seq": None, "orders": list(UNFIXED_GRID)}
+
+
+FIRST_ADMISSION = "first_admission"
+# The grid a first_admission dataset holds its (zero) curves on until its shares are fixed.
+UNFIXED_GRID = tuple(float(a) for a in DEFAULT_ORDERS)
+
+
+def unfixed_shares() -> StoredShares:
+    """A new first_admission dataset's shares: none yet, a stand-in on UNFIXED_GRID."""
+    return StoredShares(FIRST_ADMISSION, uniform_shares(UNFIXED_GRID, pure_sum=True), unfixed=True)
+
+
+@lru_cache(maxsize=1024)
+def _fixes(epsilon_cap: float, delta: float, mechanism: Mechanism, fill: bool) -> StoredShares:
+    shares = first_admission_shares(epsilon_cap, delta, mechanism, fill=fill)
+    return StoredShares(FIRST_ADMISSION, shares)
 
 
 @lru_cache(maxsize=1024)
@@ -73,9 +119,13 @@ def loads_shares(text: str) -> StoredShares:
     """A dataset's stored shares (cached: they never change)."""
     stored = json.loads(text)
     profile = stored["profile"]
-    filter_profile = "default" if profile == "dp_sgd" else profile
+    if profile == FIRST_ADMISSION and not stored["weights"]:
+        return unfixed_shares()
+    filter_profile = "default" if profile in ("dp_sgd", FIRST_ADMISSION) else profile
     shares = Shares.from_params({**stored, "profile": filter_profile})
-    return StoredShares(profile, shares, stored.get("plan"))
+    return StoredShares(
+        profile, shares, stored.get("plan"), fixed_at_seq=stored.get("fixed_at_seq")
+    )
 
 
 @lru_cache(maxsize=256)
@@ -149,6 +199,8 @@ class Budget:
     # The ledger seq this state is as of: a copy kept across one transaction's admissions is
     # current only while the dataset's last seq is still this one (holds.begin).
     seq: int = -1
+    # Set when a cost fixed the shares; the next appended entry records them (ledger.append).
+    fixing: bool = False
 
     @classmethod
     def of(cls, dataset: Dataset) -> Budget:
@@ -174,17 +226,68 @@ class Budget:
         return self.shares.shares.pure_sum
 
     def store(self, dataset: Dataset) -> None:
-        """Write the curves and pure sums back to the row."""
+        """Write the curves and pure sums back to the row (and the shares, once fixed)."""
+        if self.fixing:
+            dataset.shares = self.shares.to_json()
+            dataset.orders = json.dumps(list(self.orders))
         dataset.posted_units = dumps_units(self.posted)
         dataset.pending_units = dumps_units(self.pending)
         if self.pure_posted is not None and self.pure_pending is not None:
             dataset.pure_posted = self.pure_posted.to_text()
             dataset.pure_pending = self.pure_pending.to_text()
 
-    def cost_of(self, mechanism: Mechanism) -> Cost:
+    def cost_of(
+        self, mechanism: Mechanism, shape: Mechanism | None = None, *, fill: bool = False
+    ) -> Cost:
         """The mechanism's cost on this dataset: its curve in exact units (rounded up) on the
-        dataset's grid and its exact pure-ε part."""
+        dataset's grid and its exact pure-ε part. On a dataset whose shares are not fixed yet,
+        `shape` (default: the mechanism; a run's: its whole plan) and `fill` (a plan whose σ
+        fills the cap) say which shares it fixes (`members.first_admission_shares`)."""
+        if self.shares.unfixed:
+            cap, delta = self.filter.epsilon_cap, self.filter.delta
+            fixes = _fixes(cap, delta, shape or mechanism, fill)
+            return Cost(list(_units(mechanism, fixes.shares.orders)), pure_total(mechanism), fixes)
         return Cost(list(_units(mechanism, self.orders)), pure_total(mechanism))
+
+    def _view(self, cost: Cost) -> tuple[MemberFilter, Units, Units]:
+        """The filter, posted and pending a cost is decided against: the dataset's own, or, on
+        a dataset whose shares are not fixed yet, those of the shares the cost would fix (on
+        their grid; posted and pending are then zero)."""
+        if cost.fixes is None or not self.shares.unfixed:
+            return self.filter, self.posted, self.pending
+        self._check_empty()
+        zero = [0] * len(cost.fixes.shares.orders)
+        filter_ = member_filter(self.filter.epsilon_cap, self.filter.delta, cost.fixes.shares)
+        return filter_, zero, zero
+
+    def _check_empty(self) -> None:
+        if any(self.posted) or any(self.pending):
+            raise RuntimeError("a dataset whose shares are not fixed has posted or held budget")
+
+    def _fix(self, cost: Cost) -> None:
+        """Fix the shares a cost was computed for, if they are not fixed yet."""
+        if cost.fixes is None:
+            return
+        if not self.shares.unfixed:
+            if cost.fixes.shares != self.shares.shares:
+                raise RuntimeError("a cost computed for shares other than the dataset's")
+            return
+        self._check_empty()
+        self.shares = cost.fixes
+        self.filter = member_filter(self.filter.epsilon_cap, self.filter.delta, cost.fixes.shares)
+        self.orders = cost.fixes.shares.orders
+        self.posted = [0] * len(self.orders)
+        self.pending = [0] * len(self.orders)
+        self.fixing = True
+
+    def settle_shares(self, seq: int) -> None:
+        """Record the entry that fixed the shares (called by ledger.append for that entry)."""
+        self.shares = replace(self.shares, fixed_at_seq=seq)
+
+    def decided_against(self, cost: Cost) -> tuple[MemberFilter, Units]:
+        """The filter a cost is decided with and the curve it adds to (posted + pending)."""
+        filter_, posted, pending = self._view(cost)
+        return filter_, exact.add(posted, pending)
 
     def _pure(self, total: PureTotal | None) -> PureTotal:
         return total if total is not None else _NO_PURE
@@ -209,18 +312,19 @@ class Budget:
         """Filter ε of posted charges plus pending holds."""
         return self._decision(exact.add(self.posted, self.pending), self._reserved_pure()).epsilon
 
-    def _with(self, cost: Cost) -> tuple[Units, PureTotal | None]:
-        units = exact.add(exact.add(self.posted, self.pending), cost.units)
-        return units, _plus(self._reserved_pure(), cost.pure)
+    def _with(self, cost: Cost) -> tuple[MemberFilter, Units, PureTotal | None]:
+        filter_, total = self.decided_against(cost)
+        return filter_, exact.add(total, cost.units), _plus(self._reserved_pure(), cost.pure)
 
     def epsilon_with(self, cost: Cost) -> float:
         """Filter ε the dataset would reach with `cost` added."""
-        return self._decision(*self._with(cost)).epsilon
+        filter_, units, pure = self._with(cost)
+        return _decide(filter_, tuple(units), self._pure(pure)).epsilon
 
     def admits(self, cost: Cost) -> bool:
         """Whether the filter admits `cost` on top of everything posted and pending."""
-        units, pure = self._with(cost)
-        return self.filter.admits(exact.to_curve(units), self._pure(pure))
+        filter_, units, pure = self._with(cost)
+        return filter_.admits(exact.to_curve(units), self._pure(pure))
 
     def admits_under_cap(self, epsilon_cap: float) -> bool:
         """Whether the same filter with cap `epsilon_cap` (same shares) admits posted + pending.
@@ -237,7 +341,8 @@ class Budget:
     def own_epsilon(self, cost: Cost) -> float:
         """A cost's own ε at the dataset's δ (not a filter figure): its RDP conversion on the
         dataset's grid, or its exact pure-ε sum where the filter has that member and it is less."""
-        rdp = _own_epsilon(self.filter.delta, self.orders, tuple(cost.units))
+        orders = cost.fixes.shares.orders if cost.fixes is not None else self.orders
+        rdp = _own_epsilon(self.filter.delta, orders, tuple(cost.units))
         return min(rdp, cost.pure.epsilon()) if self.has_pure_sum else rdp
 
     def entry_pure(self, cost: Cost) -> PureTotal | None:
@@ -246,6 +351,7 @@ class Budget:
 
     def hold(self, cost: Cost) -> None:
         """Add a hold."""
+        self._fix(cost)
         self.pending = exact.add(self.pending, cost.units)
         self.pure_pending = _plus(self.pure_pending, cost.pure)
 
@@ -256,6 +362,7 @@ class Budget:
 
     def charge(self, cost: Cost, *, from_hold: bool) -> None:
         """Post a charge, moving it out of a hold when it was held."""
+        self._fix(cost)
         if from_hold:
             self.release(cost)
         self.posted = exact.add(self.posted, cost.units)

@@ -1,9 +1,11 @@
 """Datasets: creation, reading (with lazy hold expiry), admin changes, voids, verification.
 
-A dataset's filter shares of δ are chosen at creation and never change
-(docs/accounting.md §3): the default profile (most of δ on the order where a
-Gaussian-shaped history reaching the cap converts best), `dp_sgd` (the same split,
-its heavy order placed for a planned run shape), `uniform`, or explicit weights.
+A dataset's filter shares of δ are fixed once and never change (docs/accounting.md §3.1):
+`first_admission` (the default: 19/20 of δ on the order where a history shaped like the first
+admitted request converts best, fixed by that admission, before any output), `default`
+(fixed at creation from the cap and δ: most of δ where a Gaussian-shaped history reaching
+the cap converts best), `dp_sgd` (fixed at creation, its heavy order placed for a planned run
+shape), `uniform`, or explicit weights.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from accountant.members import (
     uniform_shares,
 )
 from service.domain import holds, ledger
-from service.domain.budget import Budget, StoredShares, dumps_units, share_of
+from service.domain.budget import Budget, StoredShares, dumps_units, share_of, unfixed_shares
 from service.domain.errors import CapBelowReserved, Conflict, InvalidRequest, NotFound
 from service.domain.keys import Principal
 from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
@@ -112,9 +114,9 @@ def view(dataset: Dataset, budget: Budget | None = None) -> DatasetView:
 
 @dataclass(frozen=True)
 class SharesChoice:
-    """How an admin wants δ shared among the filter's members (fixed at creation)."""
+    """How an admin wants δ shared among the filter's members."""
 
-    profile: str = "default"
+    profile: str = "first_admission"
     sample_rate: float | None = None
     steps: int | None = None
     orders: tuple[float, ...] | None = None
@@ -143,6 +145,9 @@ def choose_shares(spec: DatasetSpec) -> StoredShares:
                 raise InvalidRequest("explicit shares need orders and weights")
             weights = [Fraction(w) for w in choice.weights]
             return StoredShares("explicit", explicit_shares(choice.orders, weights))
+        if choice.profile == "first_admission":
+            # Fixed by the first admission, with the cap of that moment (any cap, 0 included).
+            return unfixed_shares()
         if spec.epsilon_cap == 0:
             # No history reaches a cap of 0, so no order is where one converts best.
             raise InvalidRequest(

@@ -28,7 +28,14 @@ from sqlalchemy.orm import Session
 from accountant import exact
 from accountant.mechanisms import Mechanism
 from accountant.members import PureTotal
-from service.domain.budget import Budget, Cost, dumps_units, loads_pure, loads_units
+from service.domain.budget import (
+    FIRST_ADMISSION,
+    Budget,
+    Cost,
+    dumps_units,
+    loads_pure,
+    loads_units,
+)
 from service.storage.database import stage
 
 # Re-exported: the ledger routes name entries and their kinds from here, not from storage.
@@ -160,7 +167,13 @@ def append(
 
     The entry records the dataset's figures before it (as last stored) and after it.
     """
+    details = request.details
+    if budget.fixing:
+        # The first admission of a first_admission dataset: this entry records the shares.
+        budget.settle_shares(dataset.last_seq + 1)
+        details = {**details, "shares": budget.shares.public()}
     budget.store(dataset)
+    budget.fixing = False
     cost = request.cost
     pure = budget.entry_pure(cost) if cost is not None else None
     params = request.mechanism.params() if request.mechanism else None
@@ -185,12 +198,12 @@ def append(
         epsilon_reserved_before=reserved_before,
         epsilon_spent_after=spent_after,
         epsilon_reserved_after=reserved_after,
-        details=canonical(request.details),
+        details=canonical(details),
         created_at=iso(now),
         prev_hash=dataset.last_hash,
     )
     units = list(cost.units) if cost is not None else None
-    entry.hash = entry_hash(entry, _Parsed(params, units, request.details))
+    entry.hash = entry_hash(entry, _Parsed(params, units, details))
     dataset.last_seq = entry.seq
     budget.seq = entry.seq
     dataset.last_hash = entry.hash
@@ -324,12 +337,29 @@ def _legacy_shares(orders: list[float]) -> dict[str, Any]:
 
 def _check_created(entry: LedgerEntry, cached: Budget) -> str | None:
     details = json.loads(entry.details)
-    shares = cached.shares.public()
+    stored = cached.shares
+    shares = stored.public()
     recorded = details.get("shares", _legacy_shares(details.get("orders", [])))
-    if entry.kind != "dataset_created" or recorded != shares:
+    # A first_admission dataset recorded no weights at creation; its first admission did.
+    expected = stored.unfixed_form() if stored.profile == FIRST_ADMISSION else shares
+    if entry.kind != "dataset_created" or recorded != expected:
         return "the dataset's shares are not the ones its dataset_created entry recorded"
     if list(cached.orders) != shares["orders"]:
         return "the dataset's order grid is not its shares' grid"
+    return None
+
+
+def _check_fixing(entry: LedgerEntry, cached: Budget, moved: bool) -> str | None:
+    """A first_admission dataset's shares: recorded by the entry that fixed them, which is its
+    first entry to move a curve; no other entry records shares."""
+    stored = cached.shares
+    records = "shares" in json.loads(entry.details) and entry.kind != "dataset_created"
+    if stored.profile != FIRST_ADMISSION or stored.fixed_at_seq != entry.seq:
+        return "it records shares, but did not fix the dataset's" if records else None
+    if not records or json.loads(entry.details)["shares"] != stored.public():
+        return "it fixed the dataset's shares but does not record them as the dataset holds them"
+    if moved or entry.units is None:
+        return "the shares were not fixed by the dataset's first admission"
     return None
 
 
@@ -347,7 +377,7 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
     )
     previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
     previous_after = (0.0, 0.0)  # before the first entry nothing is spent
-    charged, breach = False, None
+    charged, breach, moved = False, None, False
 
     def problem(text: str) -> None:
         if len(problems) < max_problems:
@@ -366,6 +396,9 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
             problem(f"seq {entry.seq}: hash does not match the entry's contents")
         if entry.seq == 1 and (mismatch := _check_created(entry, cached)) is not None:
             problem(f"seq 1: {mismatch}")
+        if (mismatch := _check_fixing(entry, cached, moved)) is not None:
+            problem(f"seq {entry.seq}: {mismatch}")
+        moved = moved or entry.units is not None
         before = (entry.epsilon_spent_before, entry.epsilon_reserved_before)
         if before != (None, None) and before != previous_after:
             problem(f"seq {entry.seq}: its figures before are not the previous entry's after")
@@ -379,6 +412,10 @@ def verify(session: Session, dataset: Dataset, *, max_problems: int = 50) -> Ver
         previous_hash, expected_seq = entry.hash, entry.seq + 1
         previous_after = (entry.epsilon_spent_after, entry.epsilon_reserved_after)
 
+    if cached.shares.unfixed and moved:
+        problem("entries moved the curves, but the dataset's shares were never fixed")
+    if cached.shares.profile == FIRST_ADMISSION and not cached.shares.unfixed and not moved:
+        problem("the dataset's shares are fixed, but no entry admitted anything")
     if dataset.last_seq != expected_seq - 1 or dataset.last_hash != previous_hash:
         chain_ok = False
         problem("the dataset's head (last_seq/last_hash) does not match the last entry")

@@ -2,7 +2,8 @@
 
 The ledger computes σ before the transaction, so that a new plan's calibration
 (milliseconds) never holds the dataset's lock: it depends only on the plan and
-the dataset's fixed δ, and is memoised (a plan seen before costs nothing). The
+the dataset's fixed δ, and is memoised (a plan seen before costs nothing); so are the
+shares a plan would fix as a `first_admission` dataset's first admission. The
 one exception is `fit_remaining`: the smallest σ with which the whole plan fits
 what remains of the dataset depends on its state, so it is computed under the
 lock (docs/benchmarks.md has its cost). A plan's hold is exactly `epochs ×` one
@@ -23,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from accountant import calibrate, exact
 from accountant.mechanisms import Mechanism
-from accountant.members import MemberFilter
+from accountant.members import MemberFilter, first_admission_shares
 from service.domain import holds, ledger, run_pld
-from service.domain.budget import Budget, Cost, dumps_units
+from service.domain.budget import Budget, Cost, dumps_units, loads_shares
 from service.domain.datasets import DatasetView, refresh, view
 from service.domain.errors import (
     BudgetExhausted,
@@ -96,9 +97,8 @@ def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
     """`fit_remaining`: the smallest σ (1e-5 relative) with which the whole plan fits what
     remains of the (locked) dataset now, holds included; BudgetExhausted if none does."""
     q, steps, sensitivity = spec.accounted_shape()
-    total = exact.add(budget.posted, budget.pending)
     try:
-        charged = calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
+        charged = _fitting_sigma(spec, budget)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     if charged is None:
@@ -129,6 +129,22 @@ def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
     )
 
 
+def _fitting_sigma(spec: RunSpec, budget: Budget) -> float | None:
+    """The smallest charged σ with which the plan fits (None: none up to SIGMA_MAX); on a
+    dataset whose shares are not fixed yet, with the shares the plan would fix."""
+    q, steps, _ = spec.accounted_shape()
+    if budget.shares.unfixed:
+        cap, delta = budget.filter.epsilon_cap, budget.filter.delta
+        if cap <= 0:
+            return None
+        # The shares come from the plan's shape (any σ), as the hold's cost will fix them.
+        shape = _plan_mechanism(spec, 1.0, spec.epochs)
+        fitted = calibrate.first_admission_fit(cap, delta, q, steps, spec.epochs, shape)
+        return fitted[0] if fitted is not None else None
+    total = exact.add(budget.posted, budget.pending)
+    return calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
+
+
 def _plan_mechanism(spec: RunSpec, sigma: float, epochs: int = 1) -> Mechanism:
     """What `epochs` epochs of the plan with the trainer's σ are charged as."""
     probe = Run(
@@ -141,7 +157,15 @@ def _plan_mechanism(spec: RunSpec, sigma: float, epochs: int = 1) -> Mechanism:
 
 
 def _plan_cost(spec: RunSpec, budget: Budget, sigma: float) -> Cost:
-    return budget.cost_of(_plan_mechanism(spec, sigma)).times(spec.epochs)
+    shape = _plan_shape(spec, budget, sigma)
+    epoch = budget.cost_of(_plan_mechanism(spec, sigma), shape, fill=spec.fit_remaining)
+    return epoch.times(spec.epochs)
+
+
+def _plan_shape(spec: RunSpec, budget: Budget, sigma: float) -> Mechanism | None:
+    """What fixes a first_admission dataset's shares when the plan is its first admission: the
+    whole plan (None once they are fixed)."""
+    return _plan_mechanism(spec, sigma, spec.epochs) if budget.shares.unfixed else None
 
 
 @lru_cache(maxsize=4096)
@@ -173,16 +197,29 @@ def _calibration(
     return Calibration(sigma, epsilon, per_epoch)
 
 
-def _dataset_delta(db: Database, principal: Principal, dataset_id: str) -> float:
-    """The dataset's δ (fixed at creation), read in one statement outside any transaction."""
+@dataclass(frozen=True)
+class _Terms:
+    """What a plan reads of its dataset before the lock: δ (fixed at creation), and the cap
+    and whether the shares are still to be fixed (both may change before the lock: only used
+    to compute, outside it, what the admission would otherwise compute under it)."""
+
+    delta: float
+    epsilon_cap: float
+    unfixed: bool
+
+
+def _dataset_terms(db: Database, principal: Principal, dataset_id: str) -> _Terms:
+    """The dataset's terms, read in one statement outside any transaction."""
     principal.require_dataset(dataset_id)
     with db.lookup() as session:
-        delta = session.execute(
-            select(Dataset.delta).where(Dataset.id == dataset_id)
-        ).scalar_one_or_none()
-    if delta is None:
+        row = session.execute(
+            select(Dataset.delta, Dataset.epsilon_cap, Dataset.shares).where(
+                Dataset.id == dataset_id
+            )
+        ).one_or_none()
+    if row is None:
         raise NotFound(f"dataset {dataset_id!r} not found")
-    return float(delta)
+    return _Terms(float(row.delta), float(row.epsilon_cap), loads_shares(row.shares).unfixed)
 
 
 @dataclass(frozen=True)
@@ -275,8 +312,9 @@ def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) ->
     the lock is released (`PlanRefused.with_fitting_sigma`), from the state it was refused in."""
     refused = refusal(budget, dataset, cost, f"a plan of {spec.epochs} epochs")
     q, steps, sensitivity = spec.accounted_shape()
-    total = tuple(exact.add(budget.posted, budget.pending))
-    return PlanRefused(refused, _FitLater(budget.filter, total, q, steps, spec.epochs, sensitivity))
+    filter_, total = budget.decided_against(cost)
+    fit = _FitLater(filter_, tuple(total), q, steps, spec.epochs, sensitivity)
+    return PlanRefused(refused, fit)
 
 
 def create(
@@ -311,8 +349,15 @@ def _plan(
     idempotency: Idempotency | None,
 ) -> Admission[Planned]:
     principal.require("trainer")
-    delta = _dataset_delta(pipeline.db, principal, dataset_id)
+    terms = _dataset_terms(pipeline.db, principal, dataset_id)
+    delta = terms.delta
     early = None if spec.fit_remaining else calibrate_plan(spec, delta)
+    if terms.unfixed:
+        # The shares this plan would fix (memoised): milliseconds, up to ~1 s at extreme caps
+        # for a fill, not spent under the lock when the cap is still the one read here.
+        sigma = early.noise_multiplier if early is not None else 1.0
+        shape = _plan_mechanism(spec, sigma, spec.epochs)
+        first_admission_shares(terms.epsilon_cap, delta, shape, fill=spec.fit_remaining)
     # The PLD ε alone, before the lock (memoised per shape); fit_remaining's σ is only known
     # under the lock, so its figure stays pending (both columns NULL) for the next read.
     figure = (
@@ -348,7 +393,8 @@ def _plan(
             created_at=now,
             updated_at=now,
         )
-        epoch = budget.cost_of(holds.epoch_mechanism(run))
+        shape = _plan_shape(spec, budget, calibration.noise_multiplier)
+        epoch = budget.cost_of(holds.epoch_mechanism(run), shape, fill=spec.fit_remaining)
         run.epoch_units = dumps_units(epoch.units)
         plan = epoch.times(spec.epochs)
         if not budget.admits(plan):

@@ -25,9 +25,14 @@ from accountant.members import (
     decimal_ceiling,
     default_shares,
     explicit_shares,
+    first_admission_shares,
+    heavy_order,
+    plan_order,
     pure_total,
+    shape_order,
     uniform_shares,
 )
+from accountant.orders import CALIBRATION_ORDERS
 from tests.accountant.test_privacy_filter import log_uniform, mechanism_values
 
 
@@ -42,7 +47,7 @@ def history_of(
     return curve, pure
 
 
-shares_for = st.sampled_from(["uniform", "default", "explicit"])
+shares_for = st.sampled_from(["uniform", "default", "first_admission", "explicit"])
 
 
 def make_shares(kind: str, cap: float, delta: float, seed: int) -> Shares:
@@ -51,6 +56,10 @@ def make_shares(kind: str, cap: float, delta: float, seed: int) -> Shares:
     if kind == "default":
         return default_shares(cap, delta)
     rng = np.random.default_rng(seed)
+    if kind == "first_admission":  # fixed by a first request: a DP-SGD plan or a release
+        q = float(10 ** rng.uniform(-3, 0))
+        first = mechanisms.SubsampledGaussian(q, 1.0, int(rng.integers(1, 20000)))
+        return first_admission_shares(cap, delta, first if seed % 3 else mechanisms.Gaussian(2.0))
     raw = rng.integers(0, 5, DEFAULT_ORDERS.size)
     raw[0] += 1  # at least one member
     return explicit_shares(DEFAULT_ORDERS, [Fraction(int(r), int(raw.sum()) + 1) for r in raw])
@@ -274,3 +283,42 @@ def test_mnist_plan_that_fills_a_cap_of_three_is_within_a_percent_of_opacus() ->
     uniform = MemberFilter(3.0, delta, uniform_shares())
     assert calibrate.fit_remaining(uniform, [0] * 35, q, 235, 60) > 1.09 * opacus_sigma
     assert rdp.to_epsilon(plan, delta, privacy_filter.orders)[0] <= 3.0
+
+
+@pytest.mark.parametrize("cap", [0.5, 3.0, 8.0])
+@pytest.mark.parametrize("delta", [1e-5, 1e-7])
+def test_first_admission_shares_follow_the_first_requests_shape(cap: float, delta: float) -> None:
+    """19/20 of δ where the history the first request announces converts best, 1/20 evenly over
+    the other orders of DEFAULT_ORDERS: repeats of a request with its σ (scale-free: an epoch
+    and its run agree); for a plan that fills, the plan brought to the cap (σ-free); releases
+    and pure ε-DP the Gaussian order; a cap of 0 still gets shares."""
+    heavy = Fraction(19, 20)
+    grid = CALIBRATION_ORDERS
+
+    def split(shares: Shares) -> float:
+        assert sum(shares.weights, Fraction(0)) == 1 and shares.pure_sum
+        top = max(range(len(shares.weights)), key=shares.weights.__getitem__)
+        assert shares.weights[top] == heavy
+        thin = {w for i, w in enumerate(shares.weights) if i != top}
+        assert thin == {
+            (1 - heavy) / (len(DEFAULT_ORDERS) - (shares.orders[top] in DEFAULT_ORDERS))
+        }
+        return shares.orders[top]
+
+    q, steps = 256 / 50000, 5880
+    fill = plan_order(cap, delta, q, steps, share=heavy)
+    for sigma in (0.6, 1.0, 4.0):
+        plan = mechanisms.SubsampledGaussian(q, sigma, steps)
+        assert split(first_admission_shares(cap, delta, plan, fill=True)) == fill
+        repeated = split(first_admission_shares(cap, delta, plan))
+        assert repeated == shape_order(cap, delta, plan.rdp(grid), grid, heavy)
+        epoch = mechanisms.SubsampledGaussian(q, sigma, 196)
+        assert split(first_admission_shares(cap, delta, epoch)) == repeated
+    gaussian_order = heavy_order(cap, delta, share=heavy)
+    for release in (mechanisms.Gaussian(3.0), mechanisms.Laplace(10.0), mechanisms.PureDP(0.1)):
+        assert split(first_admission_shares(cap, delta, release)) == gaussian_order
+    # The bent CIFAR plan and the Gaussian shape part ways at large caps (docs/accounting.md
+    # §3.1): that is what the profile is for.
+    if cap == 8.0:
+        assert fill < gaussian_order
+    assert split(first_admission_shares(0.0, delta, mechanisms.Gaussian(3.0))) == 512.0

@@ -141,7 +141,11 @@ def test_finite_non_negative_and_below_rdp(
     eps = pld.dp_sgd_epsilon(q, sigma, steps, delta)
     assert math.isfinite(eps)
     assert eps >= 0.0
-    assert eps <= calibrate.dp_sgd_epsilon(sigma, delta, q, steps) + 1e-9
+    # Both bound the same true ε from above; the PLD exceeds it by its discretisation error
+    # (second order in h, ~1e-4 at most here), so where RDP is tight (e.g. 0 by
+    # Bretagnolle–Huber: q = 1e-4, σ = 6, 49 steps, δ = 1e-4 gives PLD 9e-8) it may be that
+    # much above RDP, never more.
+    assert eps <= calibrate.dp_sgd_epsilon(sigma, delta, q, steps) + 1e-4
 
 
 @pytest.mark.parametrize(

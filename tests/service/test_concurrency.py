@@ -365,10 +365,13 @@ def test_concurrent_traffic_never_overspends(live_server: LiveServer, database: 
     assert pending == expected_pending
 
     # The reported figures are the member filter's ε of those curves (the dataset's shares as
-    # its first entry recorded them), within the cap. DP-SGD runs are in the history, so the
-    # pure-sum member cannot decide: only the RDP members do.
-    recorded = dict(entries[0]["details"]["shares"])
-    profile = "default" if recorded["profile"] == "dp_sgd" else recorded["profile"]
+    # the entry that fixed them recorded them: its first, or, for first_admission, its first
+    # admission), within the cap. DP-SGD runs are in the history, so the pure-sum member
+    # cannot decide: only the RDP members do.
+    recorded = dict([e["details"]["shares"] for e in entries if "shares" in e["details"]][-1])
+    assert recorded["weights"], "the shares were never fixed"
+    filter_profiles = {"dp_sgd": "default", "first_admission": "default"}
+    profile = filter_profiles.get(recorded["profile"], recorded["profile"])
     cap_filter = MemberFilter(CAP, DELTA, Shares.from_params({**recorded, "profile": profile}))
     impure = PureTotal(Fraction(0), 1)
     spent = cap_filter.epsilon(exact.to_curve(posted), impure)

@@ -79,8 +79,10 @@ def test_a_gaussian_release_gives_the_pure_member_up_and_a_finished_run_gives_it
     assert decided["delta"] == pytest.approx(dataset["delta"] * float(Fraction(decided["share"])))
 
 
-def test_new_datasets_get_the_default_shares_recorded_in_their_first_entry(api: Api) -> None:
-    created = api.create_dataset("d", 3.0, DELTA)
+def test_the_default_profile_is_fixed_at_creation_and_recorded_in_the_first_entry(
+    api: Api,
+) -> None:
+    created = api.create_dataset("d", 3.0, DELTA, shares={"profile": "default"})
     expected = default_shares(3.0, DELTA)
     shares = created["shares"]
     assert shares["profile"] == "default" and shares["pure_sum"] is True
@@ -130,7 +132,7 @@ def test_shares_profiles_and_their_refusals(api: Api) -> None:
 def test_shares_are_kept_by_a_cap_change_and_replayed_by_verify(
     api: Api, database: Database
 ) -> None:
-    shares = api.create_dataset("d", 3.0, DELTA)["shares"]
+    shares = api.create_dataset("d", 3.0, DELTA, shares={"profile": "default"})["shares"]
     changed = api.patch("/v1/datasets/d", {"epsilon_cap": 2.0}).json()
     assert changed["shares"] == shares  # fixed at creation, whatever the cap
     with database.write() as session:
@@ -278,13 +280,14 @@ def test_fit_remaining_refuses_when_no_noise_fits(api: Api) -> None:
     assert "noise_multiplier_that_fits" not in full.json()
 
 
-@pytest.mark.parametrize("profile", ["default", "dp_sgd"])
+@pytest.mark.parametrize("profile", ["first_admission", "default", "dp_sgd"])
 def test_fit_remaining_mnist_on_a_cap_of_3_is_within_1_percent_of_opacus(
     api: Api, profile: str
 ) -> None:
     steps = MNIST_STEPS * MNIST_EPOCHS
-    shares = {"profile": "dp_sgd", "sample_rate": MNIST_Q, "steps": steps}
-    api.create_dataset("d", 3.0, DELTA, shares=shares if profile == "dp_sgd" else None)
+    hint = {"profile": "dp_sgd", "sample_rate": MNIST_Q, "steps": steps}
+    shares = {"first_admission": None, "default": {"profile": "default"}, "dp_sgd": hint}[profile]
+    api.create_dataset("d", 3.0, DELTA, shares=shares)
     plan = {
         "sample_rate": MNIST_Q,
         "steps_per_epoch": MNIST_STEPS,
@@ -302,6 +305,6 @@ def test_fit_remaining_mnist_on_a_cap_of_3_is_within_1_percent_of_opacus(
     assert abs(sigma / opacus - 1) < 0.01, (sigma, opacus)
     assert response.json()["dataset"]["epsilon_reserved"] <= 3.0
     # The goal (issue 12): a plan whose own ε at the full δ is at most cap / 1.01 is admitted.
-    api.create_dataset("e", 3.0, DELTA, shares=shares if profile == "dp_sgd" else None)
+    api.create_dataset("e", 3.0, DELTA, shares=shares)
     target = {**plan, "fit_remaining": None, "target_epsilon": 3.0 / 1.01}
     assert api.post("/v1/datasets/e/runs", target).status_code == 201

@@ -181,6 +181,7 @@ def test_a_dataset_from_before_0004_keeps_every_figure(database_url: str) -> Non
             "weights": [f"1/{len(ORDERS)}"] * len(ORDERS),
             "pure_sum": False,
             "plan": None,
+            "fixed_at_seq": None,  # shown since first_admission; fixed at creation here
         }
         # The refund before 0004 is found and said.
         mark = {"since_seq": 7, "reason": "entry 7 refunded the cost of charge 5"}

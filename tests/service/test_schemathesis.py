@@ -346,6 +346,7 @@ class World:
     admin: Api
     role: str
     key: str
+    backend: str
 
     @property
     def headers(self) -> dict[str, str]:
@@ -375,7 +376,15 @@ def world(
 ) -> Iterator[World]:
     """One app per backend and key for the whole module, with the objects the fuzzing aims at."""
     backend, role = request.param
-    with served_app(backend, tmp_path_factory.mktemp("schemathesis")) as client:
+    with _world(backend, role, tmp_path_factory.mktemp("schemathesis")) as built:
+        yield built
+
+
+@contextmanager
+def _world(backend: str, role: str, directory: Path) -> Iterator[World]:
+    """An app with the objects the fuzzing aims at; the targets it replaces are put back after."""
+    saved, own_saved = dict(TARGETS), dict(OWN_TARGETS)
+    with served_app(backend, directory) as client:
         admin = Api(client, ADMIN_KEY)
         admin.create_dataset(DATASET, 1000.0)
         admin.create_dataset(PATCHED, 10.0)
@@ -403,10 +412,12 @@ def world(
             # Over loopback, as a client would: the checks that re-send a request (without its
             # key, after a delete, …) send it the way the case was sent.
             with serving(client.app) as base_url:
-                yield World(base_url, admin, role, key)
+                yield World(base_url, admin, role, key, backend)
         finally:
             TARGETS.clear()
             OWN_TARGETS.clear()
+            TARGETS.update(saved)
+            OWN_TARGETS.update(own_saved)
 
 
 @dataclass
@@ -499,10 +510,21 @@ def test_openapi_conformance(case: schemathesis.Case[Any], world: World, answers
     answers.statuses.append(response.status_code)
 
 
-def test_stateful_phase_follows_the_links(world: World) -> None:
-    """Sequences along the document's links; every check on every step, for each key."""
-    load_all_checks()
+def test_stateful_phase_follows_the_links(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Sequences along the document's links; every check on every step, for each key.
 
+    On an app of its own, set up as the fuzzing's: the rules a step may take depend on what the
+    server answered before, so on a server the fuzzing phase had left in whatever state, a
+    derandomized run could replay a prefix into another state (FlakyStrategyDefinition).
+    """
+    load_all_checks()
+    with _world(world.backend, world.role, tmp_path_factory.mktemp("stateful")) as fresh:
+        _stateful(fresh)
+
+
+def _stateful(world: World) -> None:
     class Ledger(schema.as_state_machine()):  # type: ignore[misc]
         def call(self, case: schemathesis.Case[Any], **kwargs: Any) -> Any:
             return case.call(base_url=world.base_url, headers=world.headers)

@@ -241,6 +241,19 @@ async def every_route_and_state(admin: Any, connect: Callable[[str], Any]) -> No
     ds = "contract-" + uuid.uuid4().hex[:10]
     created = await call(admin, "create_dataset", ds, epsilon_cap=3.0, delta=1e-5)
     assert created.epsilon_spent == 0.0 and created.ledger_seq == 1
+    # The default profile: no weights until the first admission fixes them.
+    assert created.shares.profile == "first_admission" and created.shares.weights == ()
+    assert created.shares.fixed_at_seq is None
+    fixed = await call(
+        admin,
+        "create_dataset",
+        ds + "-fixed",
+        epsilon_cap=3.0,
+        delta=1e-5,
+        shares={"profile": "default"},
+    )
+    assert fixed.shares.profile == "default" and fixed.shares.weights
+    assert fixed.shares.fixed_at_seq is None
     with pytest.raises(Conflict):
         await call(admin, "create_dataset", ds, epsilon_cap=3.0, delta=1e-5)
     assert ds in [d.id for d in await call(admin, "datasets")]

@@ -129,6 +129,15 @@ def test_dashboard(live_server: LiveServer, browser: Browser) -> None:
     expect(page).to_have_url(re.compile(r"/ui/datasets/mnist$"))
     points = page.locator("#chart svg [data-seq]")
     expect(points).to_have_count(len(entries))
+    # The shares: fixed by the run's hold, the dataset's first admission (the default profile).
+    fixing = next(e["seq"] for e in entries if e["kind"] != "dataset_created")
+    assert mnist["shares"]["fixed_at_seq"] == fixing
+    expect(page.locator("p.shares")).to_contain_text(
+        f"first_admission shares of δ over {len(mnist['shares']['orders'])} Rényi orders"
+    )
+    expect(page.locator("p.shares")).to_contain_text(
+        f"fixed by the first admission (ledger entry #{fixing})"
+    )
     assert points.evaluate_all("ps => ps.map(p => Number(p.dataset.seq))") == seqs
     rows = page.locator("#ledger tbody tr")
     expect(rows).to_have_count(len(entries))

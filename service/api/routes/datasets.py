@@ -45,8 +45,8 @@ def create_dataset(
     principal: CurrentKey,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Create a dataset with a cap (ε, δ) and its filter's shares of δ; δ and the shares are
-    fixed from then on."""
+    """Create a dataset with a cap (ε, δ) and its filter's shares of δ. δ is fixed from then
+    on; the shares too, or, with first_admission (the default), from its first admission."""
     shares = body.shares
     if shares is None:
         choice = datasets.SharesChoice()

@@ -111,16 +111,27 @@ function renderBudget() {
 }
 
 function sharesSummary(shares) {
+  const members = shares.pure_sum ? " and the sum of pure ε (share 0)" : "";
+  if (shares.weights.length === 0) {
+    return (
+      `Filter: ${shares.profile} shares of δ, not fixed yet: the first admitted request fixes ` +
+      "them, most of δ at the Rényi order where a history of its shape that reaches the cap " +
+      `converts best${members}.`
+    );
+  }
   // The heaviest share names the order the profile bet on; the rest is spread thin.
   let heaviest = 0;
   shares.weights.forEach((weight, index) => {
     if (fraction(weight) > fraction(shares.weights[heaviest])) heaviest = index;
   });
-  const members = shares.pure_sum ? " and the sum of pure ε (share 0)" : "";
+  const fixed =
+    shares.fixed_at_seq === null || shares.fixed_at_seq === undefined
+      ? "fixed when the dataset was created."
+      : `fixed by the first admission (ledger entry #${shares.fixed_at_seq}).`;
   return (
     `Filter: ${shares.profile} shares of δ over ${shares.orders.length} Rényi orders, ` +
     `the largest (${shares.weights[heaviest]}) at α = ${shares.orders[heaviest]}${members}; ` +
-    "fixed when the dataset was created."
+    fixed
   );
 }
 
