@@ -111,7 +111,19 @@ def unfixed_shares() -> StoredShares:
 @lru_cache(maxsize=1024)
 def _fixes(epsilon_cap: float, delta: float, mechanism: Mechanism, fill: bool) -> StoredShares:
     shares = first_admission_shares(epsilon_cap, delta, mechanism, fill=fill)
-    return StoredShares(FIRST_ADMISSION, shares)
+    return StoredShares(FIRST_ADMISSION, _interned(shares))
+
+
+# One object per distinct Shares: the caches keyed on shares (`member_filter`, the filter's
+# decisions) then match by identity instead of comparing ~36 Fractions a lookup, which the
+# shares a first admission fixed and the same shares read back from the row would otherwise do.
+_INTERNED: dict[Shares, Shares] = {}
+
+
+def _interned(shares: Shares) -> Shares:
+    if len(_INTERNED) >= 4096:
+        _INTERNED.clear()
+    return _INTERNED.setdefault(shares, shares)
 
 
 @lru_cache(maxsize=1024)
@@ -122,7 +134,7 @@ def loads_shares(text: str) -> StoredShares:
     if profile == FIRST_ADMISSION and not stored["weights"]:
         return unfixed_shares()
     filter_profile = "default" if profile in ("dp_sgd", FIRST_ADMISSION) else profile
-    shares = Shares.from_params({**stored, "profile": filter_profile})
+    shares = _interned(Shares.from_params({**stored, "profile": filter_profile}))
     return StoredShares(
         profile, shares, stored.get("plan"), fixed_at_seq=stored.get("fixed_at_seq")
     )
