@@ -18,7 +18,7 @@ from scipy import optimize, special
 
 from accountant import _checks, exact
 from accountant._checks import FloatArray
-from accountant.mechanisms import Mechanism, SubsampledGaussian
+from accountant.mechanisms import SubsampledGaussian
 from accountant.members import MemberFilter, PureTotal, Shares, first_admission_shares
 from accountant.orders import CALIBRATION_ORDERS
 from accountant.rdp import (
@@ -178,16 +178,15 @@ def first_admission_fit(
     sample_rate: float,
     steps_per_epoch: int,
     epochs: int,
-    shape: Mechanism | None = None,
 ) -> tuple[float, Shares] | None:
     """`sigma_that_fits` on an empty dataset whose shares the plan itself fixes (the
     first_admission profile), with those shares; None when no σ up to SIGMA_MAX fits.
 
-    A plan that fills the cap fixes the shares of its shape (`shape`, any σ: by default the
-    Poisson-subsampled plan of sample_rate and all its steps) with `fill`, which σ does not
-    enter, so they are known before σ is fitted.
+    A plan that fills the cap fixes the shares of its shape (the Poisson-subsampled plan of
+    sample_rate and all its steps, at any σ) with `fill`, which σ does not enter, so they are
+    known before σ is fitted.
     """
-    plan = shape or SubsampledGaussian(sample_rate, 1.0, steps_per_epoch * epochs)
+    plan = SubsampledGaussian(sample_rate, 1.0, steps_per_epoch * epochs)
     shares = first_admission_shares(epsilon_cap, delta, plan, fill=True)
     privacy_filter = MemberFilter(epsilon_cap, delta, shares)
     empty = (0,) * privacy_filter.orders.size

@@ -123,7 +123,8 @@ class ExplicitShares(Request):
     )
 
 
-# How δ is shared among the filter's members; fixed at creation, kept by cap changes.
+# How δ is shared among the filter's members; fixed once (at creation, or by the dataset's
+# first admission for first_admission), kept by cap changes.
 SharesCreate = Annotated[
     FirstAdmissionShares | DefaultShares | UniformShares | DpSgdShares | ExplicitShares,
     Field(discriminator="profile"),

@@ -353,10 +353,14 @@ def _check_fixing(entry: LedgerEntry, cached: Budget, moved: bool) -> str | None
     """A first_admission dataset's shares: recorded by the entry that fixed them, which is its
     first entry to move a curve; no other entry records shares."""
     stored = cached.shares
-    records = "shares" in json.loads(entry.details) and entry.kind != "dataset_created"
+    # Parsed only when the canonical text can hold the key (verify reads every entry).
+    details: dict[str, Any] = {}
+    if entry.kind != "dataset_created" and '"shares":' in entry.details:
+        details = json.loads(entry.details)
+    records = "shares" in details
     if stored.profile != FIRST_ADMISSION or stored.fixed_at_seq != entry.seq:
         return "it records shares, but did not fix the dataset's" if records else None
-    if not records or json.loads(entry.details)["shares"] != stored.public():
+    if not records or details["shares"] != stored.public():
         return "it fixed the dataset's shares but does not record them as the dataset holds them"
     if moved or entry.units is None:
         return "the shares were not fixed by the dataset's first admission"

@@ -131,18 +131,14 @@ def fit_plan(spec: RunSpec, budget: Budget) -> Calibration:
 
 def _fitting_sigma(spec: RunSpec, budget: Budget) -> float | None:
     """The smallest charged σ with which the plan fits (None: none up to SIGMA_MAX); on a
-    dataset whose shares are not fixed yet, with the shares the plan would fix."""
+    dataset whose shares are not fixed yet, with the shares the plan would fix (a fill's do
+    not depend on its σ, so the plan's cost at any σ names them)."""
     q, steps, _ = spec.accounted_shape()
     if budget.shares.unfixed:
-        cap, delta = budget.filter.epsilon_cap, budget.filter.delta
-        if cap <= 0:
-            return None
-        # The shares come from the plan's shape (any σ), as the hold's cost will fix them.
-        shape = _plan_mechanism(spec, 1.0, spec.epochs)
-        fitted = calibrate.first_admission_fit(cap, delta, q, steps, spec.epochs, shape)
-        return fitted[0] if fitted is not None else None
-    total = exact.add(budget.posted, budget.pending)
-    return calibrate.sigma_that_fits(budget.filter, total, q, steps, spec.epochs)
+        filter_, total = budget.decided_against(_plan_cost(spec, budget, 1.0))
+    else:
+        filter_, total = budget.filter, exact.add(budget.posted, budget.pending)
+    return calibrate.sigma_that_fits(filter_, total, q, steps, spec.epochs)
 
 
 def _plan_mechanism(spec: RunSpec, sigma: float, epochs: int = 1) -> Mechanism:
