@@ -337,7 +337,7 @@ def update(
             budget = Budget.of(dataset)
             written = ledger.append(session, dataset, budget, entry, now)
             # A cap raised after a charge is not the cap fixed in advance the filter needs.
-            ledger.note_breach(dataset, written, charged=any(budget.posted))
+            ledger.note_breach(dataset, written.entry(), charged=any(budget.posted))
         if patch.frozen is not None and patch.frozen != dataset.frozen:
             dataset.frozen = patch.frozen
             kind = "freeze" if patch.frozen else "unfreeze"
@@ -427,8 +427,9 @@ def void(
             details={"reason": reason, "refund": refund},
         )
         written = ledger.append(session, dataset, budget, request, utcnow())
-        ledger.note_breach(dataset, written, charged=True)
-        return Voided(written)
+        entry = written.entry()
+        ledger.note_breach(dataset, entry, charged=True)
+        return Voided(entry)
 
     principal.require_dataset(dataset_id)
     return pipeline.submit(Admission(decide, dataset_id=dataset_id, idempotency=idempotency))

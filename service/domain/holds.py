@@ -24,7 +24,8 @@ from accountant.members import PureTotal, pure_total
 from service.domain import ledger
 from service.domain.budget import Budget, Cost, dumps_units, loads_units
 from service.domain.errors import DatasetFrozen
-from service.storage.models import Dataset, LedgerEntry, Run, utcnow
+from service.storage.database import stage_update
+from service.storage.models import Dataset, Run, utcnow
 
 # The service itself (lapsed leases, corrections): fixed values, documented in docs/api.md.
 SYSTEM_ACTOR = ledger.Actor("system", "ledger service", "system")
@@ -69,7 +70,7 @@ def release(
     actor: ledger.Actor,
     now: datetime,
     idempotency_key: str | None = None,
-) -> LedgerEntry:
+) -> ledger.Written:
     """End a run: release its unspent hold and append the `release_hold` entry."""
     remaining, cost = unspent(run)
     budget.release(cost)
@@ -94,11 +95,15 @@ def started(dataset: Dataset, run: Run) -> None:
     _cover(dataset, run.expires_at)
 
 
-def renew(dataset: Dataset, run: Run, now: datetime) -> None:
-    """Renew a run's lease from `now` (the bound still holds unless a clock went backwards)."""
-    run.expires_at = now + timedelta(seconds=run.lease_seconds)
-    run.updated_at = now
-    _cover(dataset, run.expires_at)
+def charge_epoch(session: Session, dataset: Dataset, run: Run, now: datetime) -> None:
+    """Count one more epoch charged to a run and renew its lease from `now` (the dataset's bound
+    still holds unless a clock went backwards). The run's row is updated with the batch's other
+    epochs in one statement (`stage_update`): this runs once per epoch, under the lock."""
+    expires_at = now + timedelta(seconds=run.lease_seconds)
+    stage_update(
+        session, run, epochs_charged=run.epochs_charged + 1, expires_at=expires_at, updated_at=now
+    )
+    _cover(dataset, expires_at)
 
 
 def _cover(dataset: Dataset, expires_at: datetime) -> None:

@@ -20,6 +20,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from sqlalchemy import func, select
@@ -36,7 +37,7 @@ from service.domain.budget import (
     loads_pure,
     loads_units,
 )
-from service.storage.database import stage
+from service.storage.database import stage_row
 
 # Re-exported: the ledger routes name entries and their kinds from here, not from storage.
 from service.storage.models import ENTRY_KINDS as ENTRY_KINDS
@@ -59,58 +60,55 @@ def canonical(payload: dict[str, Any]) -> str:
 
 # Hashed only when present: entries written before migration 0004 have none of them.
 _OPTIONAL_HASHED = ("epsilon_spent_before", "epsilon_reserved_before", "pure")
+# Every field an entry's hash covers (the optional ones when present), beside the actor's name
+# and role, which are covered when the role is (`_hashed_names`).
+_HASHED = (
+    *_OPTIONAL_HASHED,
+    "dataset_id",
+    "seq",
+    "kind",
+    "run_id",
+    "release_id",
+    "voids_seq",
+    "mechanism",
+    "units",
+    "actor",
+    "idempotency_key",
+    "epsilon",
+    "epsilon_spent_after",
+    "epsilon_reserved_after",
+    "details",
+    "created_at",
+)
 
 
-def _hashed_fields(entry: LedgerEntry, parsed: _Parsed | None = None) -> dict[str, Any]:
-    # `parsed`: the entry's mechanism, units and details as the values they were encoded from
-    # (when it is being written); their canonical text is the same as that of the stored JSON
-    # read back, so the hash is the same either way.
-    if parsed is None:
-        parsed = _Parsed(
-            json.loads(entry.mechanism) if entry.mechanism else None,
-            loads_units(entry.units) if entry.units else None,
-            json.loads(entry.details),
-        )
-    optional = {name: getattr(entry, name) for name in _OPTIONAL_HASHED}
-    fields = {
-        **{name: value for name, value in optional.items() if value is not None},
-        "dataset_id": entry.dataset_id,
-        "seq": entry.seq,
-        "kind": entry.kind,
-        "run_id": entry.run_id,
-        "release_id": entry.release_id,
-        "voids_seq": entry.voids_seq,
-        "mechanism": parsed.mechanism,
-        "units": parsed.units,
-        "actor": entry.actor,
-        "idempotency_key": entry.idempotency_key,
-        "epsilon": entry.epsilon,
-        "epsilon_spent_after": entry.epsilon_spent_after,
-        "epsilon_reserved_after": entry.epsilon_reserved_after,
-        "details": parsed.details,
-        "created_at": entry.created_at,
-    }
+def _hashed_names(row: dict[str, Any]) -> list[str]:
+    """The fields an entry's hash covers, given its stored values by name."""
+    names = [name for name in _HASHED if name not in _OPTIONAL_HASHED or row[name] is not None]
     # Who, by name and role (migration 0005): hashed only for entries that carry it, so every
     # older entry's hash still verifies; a new entry always has a role, so removing the pair
     # from it changes its hash. An unnamed key hashes as "actor_name": null.
-    if entry.actor_role is not None:
-        fields["actor_name"] = entry.actor_name
-        fields["actor_role"] = entry.actor_role
+    if row["actor_role"] is not None:
+        names += ("actor_name", "actor_role")
+    return names
+
+
+def _hashed_fields(entry: LedgerEntry) -> dict[str, Any]:
+    """What an entry's hash covers: its stored fields, the JSON ones decoded (their canonical
+    encoding is then what is hashed, whatever text was stored)."""
+    row = {column.key: getattr(entry, column.key) for column in LedgerEntry.__table__.columns}
+    fields = {name: row[name] for name in _hashed_names(row)}
+    fields["mechanism"] = json.loads(entry.mechanism) if entry.mechanism else None
+    fields["units"] = loads_units(entry.units) if entry.units else None
+    fields["details"] = json.loads(entry.details)
     return fields
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    mechanism: dict[str, Any] | None
-    units: list[int] | None
-    details: dict[str, Any]
-
-
-def entry_hash(entry: LedgerEntry, parsed: _Parsed | None = None) -> str:
+def entry_hash(entry: LedgerEntry) -> str:
     """SHA-256 over the previous hash and the entry's canonical encoding."""
     digest = hashlib.sha256()
     digest.update(entry.prev_hash.encode("ascii"))
-    digest.update(canonical(_hashed_fields(entry, parsed)).encode("utf-8"))
+    digest.update(canonical(_hashed_fields(entry)).encode("utf-8"))
     return digest.hexdigest()
 
 
@@ -148,24 +146,44 @@ class Effect:
     epsilon_reserved_before: float | None
     epsilon_reserved_after: float
 
-    @classmethod
-    def of(cls, entry: LedgerEntry) -> Effect:
-        """The effect an entry records."""
-        return cls(
-            entry.epsilon,
-            entry.epsilon_spent_before,
-            entry.epsilon_spent_after,
-            entry.epsilon_reserved_before,
-            entry.epsilon_reserved_after,
+
+@dataclass(frozen=True)
+class Written:
+    """An entry just appended: the row staged for the commit, and what callers read of it."""
+
+    row: dict[str, Any]
+
+    @property
+    def seq(self) -> int:
+        """The entry's sequence number."""
+        return int(self.row["seq"])
+
+    @property
+    def effect(self) -> Effect:
+        """How far the entry moved its dataset's reported ε."""
+        row = self.row
+        return Effect(
+            row["epsilon"],
+            row["epsilon_spent_before"],
+            row["epsilon_spent_after"],
+            row["epsilon_reserved_before"],
+            row["epsilon_reserved_after"],
         )
+
+    def entry(self) -> LedgerEntry:
+        """The entry as a (transient) row object, for the rare caller that renders it whole."""
+        return LedgerEntry(**self.row)
 
 
 def append(
     session: Session, dataset: Dataset, budget: Budget, request: Append, now: datetime
-) -> LedgerEntry:
+) -> Written:
     """Append one entry to a locked dataset whose budget already reflects it; store the curves.
 
-    The entry records the dataset's figures before it (as last stored) and after it.
+    The entry records the dataset's figures before it (as last stored) and after it. It is
+    staged as a plain row (no ORM object: this runs once per admission, under the lock), and
+    its hash is taken over the canonical text spliced from the encodings it stores
+    (`_canonical_text`), which equals `canonical(_hashed_fields(entry))` of the stored row.
     """
     details = request.details
     if budget.fixing:
@@ -179,38 +197,68 @@ def append(
     params = request.mechanism.params() if request.mechanism else None
     spent_before, reserved_before = budget.reported or (None, None)
     spent_after, reserved_after = budget.epsilon_spent(), budget.epsilon_reserved()
-    entry = LedgerEntry(
-        dataset_id=dataset.id,
-        seq=dataset.last_seq + 1,
-        kind=request.kind,
-        run_id=request.run_id,
-        release_id=request.release_id,
-        voids_seq=request.voids_seq,
-        mechanism=canonical(params) if params is not None else None,
-        units=dumps_units(cost.units) if cost is not None else None,
-        pure=pure.to_text() if pure is not None else None,
-        actor=request.actor.id,
-        actor_name=request.actor.name,
-        actor_role=request.actor.role,
-        idempotency_key=request.idempotency_key,
-        epsilon=budget.own_epsilon(cost) if cost is not None else None,
-        epsilon_spent_before=spent_before,
-        epsilon_reserved_before=reserved_before,
-        epsilon_spent_after=spent_after,
-        epsilon_reserved_after=reserved_after,
-        details=canonical(details),
-        created_at=iso(now),
-        prev_hash=dataset.last_hash,
-    )
-    units = list(cost.units) if cost is not None else None
-    entry.hash = entry_hash(entry, _Parsed(params, units, details))
-    dataset.last_seq = entry.seq
-    budget.seq = entry.seq
-    dataset.last_hash = entry.hash
+    actor = request.actor
+    mechanism = canonical(params) if params is not None else None
+    units = dumps_units(cost.units) if cost is not None else None
+    details_text = canonical(details)
+    row: dict[str, Any] = {
+        "dataset_id": dataset.id,
+        "seq": dataset.last_seq + 1,
+        "kind": request.kind,
+        "run_id": request.run_id,
+        "release_id": request.release_id,
+        "voids_seq": request.voids_seq,
+        "mechanism": mechanism,
+        "units": units,
+        "pure": pure.to_text() if pure is not None else None,
+        "actor": actor.id,
+        "actor_name": actor.name,
+        "actor_role": actor.role,
+        "idempotency_key": request.idempotency_key,
+        "epsilon": budget.own_epsilon(cost) if cost is not None else None,
+        "epsilon_spent_before": spent_before,
+        "epsilon_reserved_before": reserved_before,
+        "epsilon_spent_after": spent_after,
+        "epsilon_reserved_after": reserved_after,
+        "details": details_text,
+        "created_at": iso(now),
+        "prev_hash": dataset.last_hash,
+    }
+    digest = hashlib.sha256(row["prev_hash"].encode("ascii"))
+    digest.update(_canonical_text(row).encode("utf-8"))
+    row["hash"] = digest.hexdigest()
+    dataset.last_seq = budget.seq = row["seq"]
+    dataset.last_hash = row["hash"]
     dataset.updated_at = now
     budget.reported = (spent_after, reserved_after)
-    stage(session, entry)
-    return entry
+    stage_row(session, LedgerEntry, row)
+    return Written(row)
+
+
+# The stored columns whose text is itself canonical JSON: spliced into the hashed text as is.
+_ENCODED = frozenset({"mechanism", "units", "details"})
+_SCALAR = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _canonical_text(row: dict[str, Any]) -> str:
+    """`canonical(_hashed_fields(entry))` for a new entry's row, without decoding and encoding
+    again what it stores as canonical JSON (its mechanism, units and details): the canonical
+    encoding of an object is its sorted keys with each value's own canonical encoding, so the
+    stored texts are the values' encodings. `test_spliced_canonical_text_is_canonical` checks
+    the two agree."""
+    parts = []
+    for name in sorted(_hashed_names(row)):
+        value = row[name]
+        if name in _ENCODED:
+            encoded = "null" if value is None else value
+        elif value is None:
+            encoded = "null"
+        elif isinstance(value, str):
+            encoded = encode_basestring_ascii(value)
+        else:
+            encoded = _SCALAR(value)
+        parts.append(f'"{name}":{encoded}')
+    return "{" + ",".join(parts) + "}"
 
 
 def entry_cost(entry: LedgerEntry) -> Cost | None:

@@ -41,15 +41,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import metrics
 from service.domain.errors import REFUSALS, Conflict, DomainError, IdempotencyConflict, NotFound
-from service.storage.database import Database, stage
+from service.storage.database import Database, stage_row
 from service.storage.models import Dataset, IdempotencyRecord, Run, utcnow
 
 R = TypeVar("R")
@@ -355,15 +356,15 @@ class Pipeline:
             if self.record is None:
                 raise TypeError("this pipeline records no answers: it takes no Idempotency-Key")
             status, body = self.record(result)
-            record = IdempotencyRecord(
-                holder=keyed.holder,
-                key=keyed.key,
-                request_hash=keyed.request_hash,
-                status_code=status,
-                response_body=body,
-                created_at=utcnow(),
-            )
-            stage(session, record)
+            record = {
+                "holder": keyed.holder,
+                "key": keyed.key,
+                "request_hash": keyed.request_hash,
+                "status_code": status,
+                "response_body": body,
+                "created_at": utcnow(),
+            }
+            stage_row(session, IdempotencyRecord, record)
             records[(keyed.holder, keyed.key)] = (keyed.request_hash, status, body)
         return result
 
@@ -419,22 +420,22 @@ def _stored_records(
     }
     if not wanted:
         return {}
-    rows = session.execute(
-        select(
-            IdempotencyRecord.holder,
-            IdempotencyRecord.key,
-            IdempotencyRecord.request_hash,
-            IdempotencyRecord.status_code,
-            IdempotencyRecord.response_body,
-        ).where(
-            # One primary-key match per key, OR'ed: SQLite scans the whole table for a row-value
-            # IN list (`(holder, key) IN (VALUES …)`), but searches the index for each of these.
-            or_(
-                *(
-                    and_(IdempotencyRecord.holder == holder, IdempotencyRecord.key == key)
-                    for holder, key in sorted(wanted)
-                )
-            )
-        )
-    )
+    parameters: dict[str, str] = {}
+    for index, (holder, key) in enumerate(sorted(wanted)):
+        parameters[f"holder_{index}"], parameters[f"key_{index}"] = holder, key
+    rows = session.execute(_records_statement(len(wanted)), parameters)
     return {(r.holder, r.key): (r.request_hash, r.status_code, r.response_body) for r in rows}
+
+
+@lru_cache(maxsize=MAX_BATCH)
+def _records_statement(count: int) -> Select[str, str, str, int, str]:
+    """The lookup of `count` keys' records, built once per count (building it costs more than
+    running it): one primary-key match per key, OR'ed. SQLite scans the whole table for a
+    row-value IN list (`(holder, key) IN (VALUES …)`), but searches the index for each of these."""
+    record = IdempotencyRecord
+    matches = (
+        and_(record.holder == bindparam(f"holder_{i}"), record.key == bindparam(f"key_{i}"))
+        for i in range(count)
+    )
+    columns = (record.holder, record.key, record.request_hash, record.status_code)
+    return select(*columns, record.response_body).where(or_(*matches))

@@ -415,4 +415,4 @@ def charge(
         details=details,
     )
     entry = ledger.append(session, dataset, budget, request, now)
-    return release, view(dataset, budget), ledger.Effect.of(entry)
+    return release, view(dataset, budget), entry.effect

@@ -416,7 +416,7 @@ def _plan(
         )
         entry = ledger.append(session, dataset, budget, request, now)
         pipeline.remember_run(run.id, dataset.id)  # its epochs then need no lookup
-        return Planned(run, view(dataset, budget), ledger.Effect.of(entry))
+        return Planned(run, view(dataset, budget), entry.effect)
 
     return Admission(decide, dataset_id=dataset_id, idempotency=idempotency, operation="plan")
 
@@ -482,8 +482,7 @@ def _epoch(
                 budget, dataset, cost, f"epoch {run.epochs_charged + 1} (beyond the plan)"
             )
         budget.charge(cost, from_hold=within_plan)
-        run.epochs_charged += 1
-        holds.renew(dataset, run, now)
+        holds.charge_epoch(session, dataset, run, now)
         request = ledger.Append(
             "charge",
             principal.actor,
@@ -500,7 +499,7 @@ def _epoch(
             not within_plan,
             entry.seq,
             view(dataset, budget),
-            ledger.Effect.of(entry),
+            entry.effect,
         )
 
     return Admission(decide, run_id=run_id, idempotency=idempotency, operation="epoch")
@@ -535,7 +534,7 @@ def finish(
             now=now,
             idempotency_key=idempotency.key if idempotency else None,
         )
-        return Finished(run, view(dataset, budget), ledger.Effect.of(entry))
+        return Finished(run, view(dataset, budget), entry.effect)
 
     return pipeline.submit(Admission(decide, run_id=run_id, idempotency=idempotency))
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -15,8 +17,9 @@ from sqlalchemy import text
 from accountant import exact
 from accountant.members import PureTotal
 from service.domain.budget import Budget, Cost
+from service.domain.ledger import _canonical_text, _hashed_fields, canonical, entry_hash
 from service.storage.database import Database
-from service.storage.models import Dataset
+from service.storage.models import Dataset, LedgerEntry
 from tests.service.conftest import Api
 
 PLAN = {"sample_rate": 0.01, "steps_per_epoch": 100, "epochs": 3, "noise_multiplier": 1.5}
@@ -279,3 +282,52 @@ def test_dataset_listing_and_conflicts(api: Api) -> None:
     assert [d["id"] for d in page["data"]] == ["a", "b"] and page["has_more"] is True
     rest = api.get("/v1/datasets", params={"limit": 2, "after": "b"}).json()
     assert [d["id"] for d in rest["data"]] == ["c"] and rest["has_more"] is False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_spliced_canonical_text_is_canonical(seed: int) -> None:
+    """The hashed text `append` splices from the row's stored JSON is exactly the canonical
+    encoding `verify` recomputes from the decoded row (`entry_hash`), for rows with and
+    without each optional field, non-ASCII text and floats of every size."""
+    draw = random.Random(seed)
+
+    def maybe(value: Any) -> Any:
+        return value if draw.random() < 0.6 else None
+
+    number = draw.choice(
+        [0.0, 1e-300, 3.5, 1 / 3, 2.0**60, draw.random() * 10 ** draw.randint(-9, 9)]
+    )
+    details = {'ü\n"name"': draw.random(), "epoch": draw.randint(0, 99), "a": [1, None, "x"]}
+    mechanism = {"kind": "gaussian", "sigma": draw.random(), "count": draw.randint(1, 9)}
+    role = maybe(draw.choice(["trainer", "admin", "system"]))
+    row: dict[str, Any] = {
+        "dataset_id": "d-é",
+        "seq": draw.randint(1, 10**6),
+        "kind": "charge",
+        "run_id": maybe("run_1"),
+        "release_id": maybe("rel_2"),
+        "voids_seq": maybe(draw.randint(1, 9)),
+        "mechanism": maybe(canonical(mechanism)),
+        "units": maybe(
+            json.dumps([draw.randint(0, 10**12) for _ in range(5)], separators=(",", ":"))
+        ),
+        "pure": maybe("1/3;2"),
+        "actor": "key_1",
+        "actor_name": maybe("名前 \u2028 tab\t") if role else None,
+        "actor_role": role,
+        "idempotency_key": maybe("k\u00e9y"),
+        "epsilon": maybe(number),
+        "epsilon_spent_before": maybe(number / 7),
+        "epsilon_reserved_before": maybe(0.0),
+        "epsilon_spent_after": number,
+        "epsilon_reserved_after": number * 2,
+        "details": canonical(details),
+        "created_at": "2026-12-07T15:00:00.123456Z",
+        "prev_hash": "0" * 64,
+        "hash": "",
+    }
+    entry = LedgerEntry(**row)
+    assert _canonical_text(row) == canonical(_hashed_fields(entry))
+    digest = hashlib.sha256(row["prev_hash"].encode("ascii"))
+    digest.update(_canonical_text(row).encode("utf-8"))
+    assert digest.hexdigest() == entry_hash(entry)

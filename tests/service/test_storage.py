@@ -13,16 +13,17 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import timedelta
 from itertools import pairwise
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 
 from service.domain import ledger
 from service.storage import database as database_module
-from service.storage.database import Database
-from service.storage.models import Dataset
+from service.storage.database import Database, stage_update
+from service.storage.models import Dataset, Run, utcnow
 from tests.service.conftest import Api
 
 PLAN = {"sample_rate": 0.01, "steps_per_epoch": 20, "epochs": 2, "noise_multiplier": 1.5}
@@ -185,3 +186,49 @@ def test_sqlite_writers_queue_instead_of_polling(
     spans = sorted(held)
     assert len(spans) == 8
     assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans))
+
+
+def test_staged_updates_are_written_before_anything_reads_and_the_last_change_wins(
+    api: Api, database: Database
+) -> None:
+    """`stage_update` (an epoch's run row) defers its UPDATE to the commit, but every statement
+    of the transaction sees it: a query that reads the row (a scan for lapsed leases, say) and
+    a reload over the identity map (populate_existing) find the staged values, and a change
+    made through the ORM before or after a staged one is ordered as it was made."""
+    api.create_dataset("d", 10.0)
+    run_id = api.post("/v1/datasets/d/runs", PLAN).json()["id"]
+    later = utcnow() + timedelta(days=3)
+    with database.write() as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.epochs_charged == 0
+        stage_update(session, run, epochs_charged=1, expires_at=later)
+        # Read back by a statement, and over the identity map: the staged values, not the row's.
+        found = session.execute(select(Run.epochs_charged, Run.expires_at).where(Run.id == run_id))
+        assert found.one() == (1, later)
+        reloaded = session.execute(
+            select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
+        ).scalar_one()
+        assert reloaded is run and run.epochs_charged == 1
+        run.status = "completed"  # through the ORM, after a staged change: both written
+        stage_update(session, run, epochs_charged=2)
+        run.epochs_charged = 3  # through the ORM, after a staged change of the same column
+    with database.read() as session:
+        stored = session.get(Run, run_id)
+        assert stored is not None
+        assert (stored.epochs_charged, stored.status, stored.expires_at) == (3, "completed", later)
+    with database.write() as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        run.epochs_charged = 4  # through the ORM, then superseded by a staged change
+        stage_update(session, run, epochs_charged=5)
+    with database.read() as session:
+        stored = session.get(Run, run_id)
+        assert stored is not None and stored.epochs_charged == 5
+    with database.rehearsal() as session:  # a dry run's staged changes are rolled back
+        run = session.get(Run, run_id)
+        assert run is not None
+        stage_update(session, run, epochs_charged=6)
+        session.execute(select(Run.id))
+    with database.read() as session:
+        stored = session.get(Run, run_id)
+        assert stored is not None and stored.epochs_charged == 5
