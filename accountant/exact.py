@@ -34,6 +34,9 @@ INFINITE = 1 << 1200
 _LARGEST_FINITE = int(sys.float_info.max) << SCALE_BITS
 
 Units = list[int]
+# Units below this convert with float() (far below the largest double); one unit in floats.
+_FLOAT_SAFE = 1 << 1000
+_STEP = math.ldexp(1.0, -SCALE_BITS)
 
 
 def to_units(curve: npt.ArrayLike) -> Units:
@@ -58,11 +61,16 @@ def to_curve(units: Sequence[int]) -> FloatArray:
     for index, unit in enumerate(units):
         if unit < 0:
             raise ValueError("units must be non-negative")
-        if unit > _LARGEST_FINITE:
+        if unit < _FLOAT_SAFE:
+            # float() rounds to nearest and int() of a float is exact: step up if it rounded
+            # down. Scaling by 2^-60 is then exact (the result is a normal number).
+            value = float(unit)
+            out[index] = (value if int(value) >= unit else math.nextafter(value, math.inf)) * _STEP
+        elif unit > _LARGEST_FINITE:
             out[index] = math.inf
-            continue
-        value = unit / _SCALE  # correctly rounded; step up if it rounded down
-        out[index] = value if _ceil_units(value) >= unit else math.nextafter(value, math.inf)
+        else:  # near the largest double: float(unit) may overflow where unit / 2^60 does not
+            value = unit / _SCALE  # correctly rounded; step up if it rounded down
+            out[index] = value if _ceil_units(value) >= unit else math.nextafter(value, math.inf)
     return out
 
 

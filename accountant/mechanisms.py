@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any, ClassVar
 
@@ -29,7 +29,9 @@ class _Stored:
 
     def params(self) -> dict[str, Any]:
         """The parameters as a plain dict, with the mechanism's kind."""
-        return {"kind": self.kind, **asdict(self)}  # type: ignore[call-overload]
+        # Every field is a number: nothing nested to copy (dataclasses.asdict is slower).
+        values = {field.name: getattr(self, field.name) for field in fields(self)}  # type: ignore[arg-type]
+        return {"kind": self.kind, **values}
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from accountant import DEFAULT_ORDERS, exact
@@ -85,7 +85,12 @@ class StoredShares:
 
     def public(self) -> dict[str, Any]:
         """As shown on the dataset and recorded in its first entry (and, for first_admission,
-        in the entry that fixed them)."""
+        in the entry that fixed them). A new dict each call; its lists are shared: read only."""
+        return dict(self._public)
+
+    @cached_property
+    def _public(self) -> dict[str, Any]:
+        # Every answer shows the shares: ~36 weights formatted once per shares, not per answer.
         shown = {**self.shares.params(), "profile": self.profile, "plan": self.plan}
         if self.profile == FIRST_ADMISSION:
             shown["fixed_at_seq"] = self.fixed_at_seq

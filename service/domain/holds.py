@@ -14,6 +14,7 @@ admission before the bound asks `runs` nothing.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -51,7 +52,13 @@ def epoch_mechanism(run: Run, epochs: int = 1) -> Mechanism:
 def epoch_cost(run: Run) -> Cost:
     """One epoch's cost: its stored units and the pure part of its mechanism (a run's hold is
     `epochs ×` this, so charging and releasing subtract it exactly)."""
-    return Cost(loads_units(run.epoch_units), pure_total(epoch_mechanism(run)))
+    return _epoch_cost(run.epoch_units, epoch_mechanism(run))
+
+
+@lru_cache(maxsize=1024)
+def _epoch_cost(epoch_units: str, mechanism: Mechanism) -> Cost:
+    # Every epoch of a run costs the same (a Cost is never changed: sums make new lists).
+    return Cost(loads_units(epoch_units), pure_total(mechanism))
 
 
 def unspent(run: Run) -> tuple[int, Cost]:

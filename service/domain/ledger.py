@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,8 +50,9 @@ _VERIFY_BATCH = 2000
 
 
 def iso(moment: datetime) -> str:
-    """A timestamp as stored in entries: ISO 8601 UTC with microseconds and a Z."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """A timestamp as stored in entries: ISO 8601 UTC with microseconds and a Z (the text of
+    `strftime("%Y-%m-%dT%H:%M:%S.%fZ")`, made faster: its first 26 characters are the same)."""
+    return moment.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def canonical(payload: dict[str, Any]) -> str:
@@ -253,8 +255,10 @@ def _canonical_text(row: dict[str, Any]) -> str:
             encoded = "null" if value is None else value
         elif value is None:
             encoded = "null"
-        elif isinstance(value, str):
+        elif type(value) is str:
             encoded = encode_basestring_ascii(value)
+        elif type(value) is int or (type(value) is float and math.isfinite(value)):
+            encoded = repr(value)  # what the JSON encoder writes for these
         else:
             encoded = _SCALAR(value)
         parts.append(f'"{name}":{encoded}')

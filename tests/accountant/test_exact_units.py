@@ -127,3 +127,19 @@ def test_removing_more_than_was_added_is_refused() -> None:
         exact.subtract(exact.to_units([1.0, 1.0]), exact.to_units([0.5, 1.5]))
     with pytest.raises(ValueError, match="different grids"):
         exact.add([1, 2], [1])
+
+
+@PROPERTY
+@given(st.integers(min_value=0, max_value=1 << 1100), st.integers(min_value=-2, max_value=2))
+def test_to_curve_is_the_smallest_float_at_or_above_the_exact_value(unit: int, nudge: int) -> None:
+    """Each unit converts to the least double ≥ unit·2^-60 (+inf above the largest double), on
+    both sides of where the conversion switches from float() to a division (2^1000 units)."""
+    for value_units in {max(0, unit + nudge), max(0, (1 << 1000) + nudge)}:
+        exact_value = Fraction(value_units, 1 << exact.SCALE_BITS)
+        value = float(exact.to_curve([value_units])[0])
+        if value == math.inf:
+            assert exact_value > Fraction(sys.float_info.max)
+            continue
+        assert Fraction(value) >= exact_value
+        below = math.nextafter(value, -math.inf)
+        assert below < 0 or Fraction(below) < exact_value
