@@ -58,8 +58,8 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -216,19 +216,54 @@ def stage_update(session: Session, row: Base, **values: Any) -> None:
 
 
 def write_staged(session: Session) -> None:
-    """Write every update and insert staged in this transaction so far: the staged updates,
-    then the ORM's own changes (which staged rows may refer to: new runs), then the new rows."""
+    """Write every update and insert staged in this transaction so far, and the ORM's own
+    changes: the staged updates before the ORM's (see `stage_update`), and the staged rows
+    after any new row the ORM adds (a new dataset's first entry names it). On PostgreSQL the
+    staged statements go in one round trip (psycopg's pipeline mode), with the new rows too
+    when the ORM adds none (an epoch, a release): they are written under the datasets' locks."""
     updates = session.info.pop(_UPDATES, None)
-    if updates:
-        _write_updates(session, updates)
     staged: dict[str, list[dict[str, Any]]] | None = session.info.pop(_STAGED, None)
-    if not staged:
+    if not updates and not staged:
         return
-    session.flush()
+    connection = session.connection()
+    if updates or not session.new:
+        with _pipelined(connection):
+            if updates:
+                _write_updates(connection, updates)
+            if staged and not session.new:
+                _insert_staged(connection, staged)
+                staged = None
+    if staged:
+        session.flush()
+        with _pipelined(connection):
+            _insert_staged(connection, staged)
+
+
+def _insert_staged(connection: Connection, staged: dict[str, list[dict[str, Any]]]) -> None:
     for table in _STAGED_TABLES:
         rows = staged.get(table.name)
         if rows:
-            session.execute(insert(table), rows)
+            connection.execute(insert(table), rows)
+
+
+@contextmanager
+def _pipelined(connection: Connection) -> Iterator[None]:
+    """psycopg's pipeline mode around the block on PostgreSQL (its statements are sent without
+    waiting for each one's result; errors are raised when the block ends, as SQLAlchemy's)."""
+    driver = connection.connection.driver_connection
+    pipeline = getattr(driver, "pipeline", None)
+    if pipeline is None:  # SQLite: no round trips to save
+        yield
+        return
+    try:
+        with pipeline():
+            yield
+    except DBAPIError:
+        raise
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise DBAPIError.instance(
+            None, None, exc, connection.dialect.loaded_dbapi.Error, dialect=connection.dialect
+        ) from exc
 
 
 def _updates_first(state: ORMExecuteState) -> None:
@@ -236,11 +271,11 @@ def _updates_first(state: ORMExecuteState) -> None:
     that what it reads, and the ORM's autoflush that follows, see them."""
     updates = state.session.info.pop(_UPDATES, None)
     if updates:
-        _write_updates(state.session, updates)
+        _write_updates(state.session.connection(), updates)
 
 
 def _write_updates(
-    session: Session, updates: dict[tuple[type[Base], tuple[Any, ...]], dict[str, Any]]
+    connection: Connection, updates: dict[tuple[type[Base], tuple[Any, ...]], dict[str, Any]]
 ) -> None:
     grouped: dict[tuple[type[Base], tuple[str, ...]], list[dict[str, Any]]] = {}
     for (model, identity), values in updates.items():
@@ -251,7 +286,6 @@ def _write_updates(
         grouped.setdefault((model, names), []).append(parameters)
     # On the connection: the session's execute would flush the ORM's changes first, and a
     # later change would then be overwritten by an earlier staged one.
-    connection = session.connection()
     for (model, names), rows in grouped.items():
         connection.execute(_update_statement(model, names), rows)
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
+from sqlalchemy.exc import IntegrityError
 
 from service.domain import ledger
 from service.storage import database as database_module
-from service.storage.database import Database, stage_update
-from service.storage.models import Dataset, Run, utcnow
+from service.storage.database import Database, stage_row, stage_update
+from service.storage.models import Dataset, IdempotencyRecord, Run, utcnow
 from tests.service.conftest import Api
 
 PLAN = {"sample_rate": 0.01, "steps_per_epoch": 20, "epochs": 2, "noise_multiplier": 1.5}
@@ -232,3 +233,26 @@ def test_staged_updates_are_written_before_anything_reads_and_the_last_change_wi
     with database.read() as session:
         stored = session.get(Run, run_id)
         assert stored is not None and stored.epochs_charged == 5
+
+
+def test_a_staged_row_refused_by_the_database_raises_sqlalchemys_error(
+    api: Api, database: Database
+) -> None:
+    """Staged rows go in one round trip on PostgreSQL (pipeline mode), where the database's
+    refusal arrives when the pipeline ends: it is raised as SQLAlchemy's IntegrityError all the
+    same (the pipeline decides a batch again one by one on it: a race on an Idempotency-Key)."""
+    api.create_dataset("d", 10.0)
+    record = {
+        "holder": "someone",
+        "key": "k",
+        "request_hash": "h",
+        "status_code": 201,
+        "response_body": "{}",
+        "created_at": utcnow(),
+    }
+    with database.write() as session:
+        stage_row(session, IdempotencyRecord, dict(record))
+    with pytest.raises(IntegrityError), database.write() as session:
+        stage_row(session, IdempotencyRecord, dict(record))
+    with database.read() as session:  # the transaction was rolled back; the database answers
+        assert session.execute(select(IdempotencyRecord.key)).scalars().all() == ["k"]
