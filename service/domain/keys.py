@@ -90,6 +90,12 @@ class KeyCache:
     once. Only keys found active with their secret enter; an unknown id, a wrong secret or a
     revoked key is looked up every time, as without the cache, so it gives a prober no faster
     answer and leaves nothing behind. `ttl_s` = 0 turns the cache off.
+
+    Refresh ahead: once an entry is half its bound old, one request (`claim_refresh`) looks the
+    key up again while the others go on trusting the entry, which is still within the bound.
+    Without it, every request in flight would miss the cache at the same moment, once per
+    bound, and look the key up at once (a burst of lookups and pooled connections each second
+    under load, which stalled a worker for two seconds now and then: docs/benchmarks.md).
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class KeyCache:
         self.max_entries = max_entries
         self.clock = clock
         self._entries: dict[str, _Verified] = {}
+        self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
     def get(self, key_id: str, secret_hash: str) -> Principal | None:
@@ -115,6 +122,23 @@ class KeyCache:
         if not hmac.compare_digest(entry.secret_hash, secret_hash):
             return None
         return entry.principal
+
+    def claim_refresh(self, key_id: str) -> bool:
+        """True for one caller once the key's entry is half its bound old: that caller looks the
+        key up again (`authenticate(..., refresh=True)`), and the claim ends with the lookup."""
+        entry = self._entries.get(key_id)
+        if entry is None or self.clock() - entry.read_from < self.ttl_s / 2:
+            return False
+        with self._lock:
+            if key_id in self._refreshing:
+                return False
+            self._refreshing.add(key_id)
+            return True
+
+    def refreshed(self, key_id: str) -> None:
+        """The claimed lookup of a key ended (its result, if the key is active, was put)."""
+        with self._lock:
+            self._refreshing.discard(key_id)
 
     def put(self, key_id: str, secret_hash: str, principal: Principal, read_from: float) -> None:
         """Remember a key found active by a lookup that began at `read_from` (this clock)."""
@@ -140,13 +164,36 @@ class KeyCache:
 
 
 def authenticate(
-    db: Database, token: str | None, bootstrap_key: str | None, cache: KeyCache | None = None
+    db: Database,
+    token: str | None,
+    bootstrap_key: str | None,
+    cache: KeyCache | None = None,
+    *,
+    refresh: bool = False,
 ) -> Principal:
-    """The principal behind a bearer token, or Unauthorized; from `cache` when it has the key."""
+    """The principal behind a bearer token, or Unauthorized; from `cache` when it has the key.
+
+    `refresh`: the caller claimed the key's refresh (`KeyCache.claim_refresh`): it is looked up
+    whatever the cache holds, and a key found revoked or changed leaves the cache at once.
+    """
+    if refresh:
+        assert token is not None and cache is not None
+        key_id = _parts(token)[0]
+        try:
+            return _look_up(db, token, cache)
+        except Unauthorized:
+            cache.forget(key_id)
+            raise
+        finally:
+            cache.refreshed(key_id)
     known = recognise(token, bootstrap_key, cache)
     if known is not None:
         return known
     assert token is not None  # recognise refused a missing one
+    return _look_up(db, token, cache)
+
+
+def _look_up(db: Database, token: str, cache: KeyCache | None) -> Principal:
     key_id, secret_hash = _parts(token)
     read_from = cache.clock() if cache is not None else 0.0
     with db.lookup() as session:

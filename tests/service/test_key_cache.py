@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -170,3 +171,69 @@ def test_a_key_revoked_through_one_serve_process_is_refused_by_another_within_th
     late = [(sent, status) for sent, status in observed if sent > BOUND_S]
     assert len(late) >= 5, f"too few calls after the bound to judge: {observed}"
     assert all(status == 401 for _, status in late), late
+
+
+def test_one_request_refreshes_a_key_half_its_bound_old_while_the_others_use_the_cache(
+    database: Database,
+) -> None:
+    """Refresh ahead: past half the bound exactly one caller claims the key's lookup (the rest
+    go on from the entry, which is still within the bound); the lookup renews the entry and
+    ends the claim; a key found revoked by it leaves the cache at once."""
+    clock = Clock()
+    cache = keys.KeyCache(1.0, clock=clock)
+    key_id, token = _issued(database)
+    assert keys.authenticate(database, token, None, cache).id == key_id
+    clock.now += 0.499
+    assert not cache.claim_refresh(key_id)  # young: nobody refreshes
+    clock.now += 0.001
+    assert cache.claim_refresh(key_id)
+    assert not cache.claim_refresh(key_id)  # claimed once: the others use the cache
+    with key_lookups(database) as lookups:
+        assert keys.authenticate(database, token, None, cache).id == key_id
+    assert lookups == []
+    with key_lookups(database) as lookups:
+        assert keys.authenticate(database, token, None, cache, refresh=True).id == key_id
+    assert len(lookups) == 1
+    clock.now += 0.9  # the entry was renewed by the refresh: 0.9 s old, not 1.4
+    with key_lookups(database) as lookups:
+        assert keys.authenticate(database, token, None, cache).id == key_id
+    assert lookups == []
+    assert cache.claim_refresh(key_id)  # the claim ended with the lookup
+    with database.write() as session:  # revoked by another process
+        keys.revoke(session, key_id)
+        session.commit()
+    with pytest.raises(Unauthorized, match="revoked"):
+        keys.authenticate(database, token, None, cache, refresh=True)
+    with key_lookups(database) as lookups, pytest.raises(Unauthorized, match="revoked"):
+        keys.authenticate(database, token, None, cache)  # gone from the cache at once
+    assert len(lookups) == 1
+    assert not cache.claim_refresh(key_id)  # no entry, nothing to refresh
+
+
+def test_under_load_the_key_is_read_about_twice_per_bound_not_by_every_request(
+    migrated_url: str,
+) -> None:
+    """Through the app, with requests in flight together: over one second the key is read
+    about once per half bound, not by every request in flight each time its entry runs out."""
+    settings = Settings(database_url=migrated_url, admin_key=ADMIN_KEY, key_cache_seconds=0.2)
+    db = Database(migrated_url)
+    try:
+        with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
+            admin = Api(client, ADMIN_KEY)
+            admin.create_dataset("d", 1.0)
+            trainer = admin.as_key(admin.new_key("trainer", ["d"]))
+            assert trainer.get("/v1/datasets/d").status_code == 200
+
+            def loop() -> int:
+                count, started = 0, time.monotonic()
+                while time.monotonic() - started < 1.0:
+                    assert trainer.get("/v1/datasets/d").status_code == 200
+                    count += 1
+                return count
+
+            with key_lookups(db) as lookups, ThreadPoolExecutor(max_workers=16) as pool:
+                requests = sum(pool.map(lambda _: loop(), range(16)))
+            # Half bounds in a second: 10; a read that ends late may let one entry run out.
+            assert 1 <= len(lookups) <= 15 < requests, (len(lookups), requests)
+    finally:
+        db.dispose()
