@@ -94,8 +94,8 @@ class KeyCache:
     Refresh ahead: once an entry is half its bound old, one request (`claim_refresh`) looks the
     key up again while the others go on trusting the entry, which is still within the bound.
     Without it, every request in flight would miss the cache at the same moment, once per
-    bound, and look the key up at once (a burst of lookups and pooled connections each second
-    under load, which stalled a worker for two seconds now and then: docs/benchmarks.md).
+    bound, and look the key up at once: a burst of lookups (each a thread and a pooled
+    connection) every second under load, where two reads per bound suffice.
     """
 
     def __init__(

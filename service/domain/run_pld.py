@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 from accountant import pld
 from accountant.mechanisms import Gaussian, Mechanism, SubsampledGaussian
 from service.domain import holds
+from service.domain.memo import memoised
 from service.domain.pipeline import Admission, Pipeline
 from service.storage.models import Run
 
@@ -50,7 +50,7 @@ class PldFigure:
 PENDING = PldFigure(None, PENDING_NOTE)
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def of_plan(plan: Mechanism, delta: float) -> PldFigure:
     """The PLD figure of a whole plan, charged as `plan`; memoised per plan shape (q, σ, steps,
     δ), refusals too (they are as deterministic as the figures)."""

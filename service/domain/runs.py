@@ -17,7 +17,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -36,6 +35,7 @@ from service.domain.errors import (
     RunNotActive,
 )
 from service.domain.keys import Principal
+from service.domain.memo import memoised
 from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
 from service.storage.database import Database
 from service.storage.models import Dataset, Run
@@ -164,7 +164,7 @@ def _plan_shape(spec: RunSpec, budget: Budget, sigma: float) -> Mechanism | None
     return _plan_mechanism(spec, sigma, spec.epochs) if budget.shares.unfixed else None
 
 
-@lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def _calibration(
     q: float,
     steps: int,
