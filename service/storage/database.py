@@ -17,8 +17,11 @@ datasets it admits to with `SELECT … FOR UPDATE`, in id order (populate_existi
 so the ORM sees the locked rows' current values, not a stale identity-map copy),
 or with `SKIP LOCKED` to take only those no other transaction holds.
 Rows of the append-only tables (releases, ledger entries, idempotency records)
-are staged (`stage`) and written when the transaction commits, one multi-row
-INSERT per table (`write_staged`), without the ORM's unit of work. Read transactions are
+are staged (`stage`, `stage_row`) and written when the transaction commits, one
+multi-row INSERT per table (`write_staged`), without the ORM's unit of work; so
+are the hot path's updates of rows the transaction loaded (`stage_update`: an
+epoch's run), one executemany per table. On PostgreSQL they all go in one round
+trip (psycopg's pipeline mode). Read transactions are
 REPEATABLE READ, so a read of several statements (a dataset and its entries,
 when verifying) sees one snapshot, as a SQLite read transaction does.
 
