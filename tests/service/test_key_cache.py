@@ -42,8 +42,9 @@ def key_lookups(db: Database) -> Iterator[list[str]]:
         event.remove(Engine, "before_cursor_execute", count)
 
 
-def _trainer_calls(migrated_url: str, key_cache_seconds: float, calls: int) -> int:
-    """How many key lookups `calls` reads with one trainer key cost."""
+@contextmanager
+def _trainer(migrated_url: str, key_cache_seconds: float) -> Iterator[tuple[Database, Api]]:
+    """An app with that key cache, a dataset "d" and a trainer key for it: (database, trainer)."""
     settings = Settings(
         database_url=migrated_url, admin_key=ADMIN_KEY, key_cache_seconds=key_cache_seconds
     )
@@ -52,13 +53,18 @@ def _trainer_calls(migrated_url: str, key_cache_seconds: float, calls: int) -> i
         with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
             admin = Api(client, ADMIN_KEY)
             admin.create_dataset("d", 1.0)
-            trainer = admin.as_key(admin.new_key("trainer", ["d"]))
-            with key_lookups(db) as lookups:
-                for _ in range(calls):
-                    assert trainer.get("/v1/datasets/d").status_code == 200
-            return len(lookups)
+            yield db, admin.as_key(admin.new_key("trainer", ["d"]))
     finally:
         db.dispose()
+
+
+def _trainer_calls(migrated_url: str, key_cache_seconds: float, calls: int) -> int:
+    """How many key lookups `calls` reads with one trainer key cost."""
+    with _trainer(migrated_url, key_cache_seconds) as (db, trainer):
+        with key_lookups(db) as lookups:
+            for _ in range(calls):
+                assert trainer.get("/v1/datasets/d").status_code == 200
+        return len(lookups)
 
 
 def test_the_cache_saves_the_key_lookup_of_every_request_but_the_first(migrated_url: str) -> None:
@@ -215,25 +221,17 @@ def test_under_load_the_key_is_read_about_twice_per_bound_not_by_every_request(
 ) -> None:
     """Through the app, with requests in flight together: over one second the key is read
     about once per half bound, not by every request in flight each time its entry runs out."""
-    settings = Settings(database_url=migrated_url, admin_key=ADMIN_KEY, key_cache_seconds=0.2)
-    db = Database(migrated_url)
-    try:
-        with TestClient(create_app(settings, db), raise_server_exceptions=False) as client:
-            admin = Api(client, ADMIN_KEY)
-            admin.create_dataset("d", 1.0)
-            trainer = admin.as_key(admin.new_key("trainer", ["d"]))
-            assert trainer.get("/v1/datasets/d").status_code == 200
+    with _trainer(migrated_url, 0.2) as (db, trainer):
+        assert trainer.get("/v1/datasets/d").status_code == 200
 
-            def loop() -> int:
-                count, started = 0, time.monotonic()
-                while time.monotonic() - started < 1.0:
-                    assert trainer.get("/v1/datasets/d").status_code == 200
-                    count += 1
-                return count
+        def loop() -> int:
+            count, started = 0, time.monotonic()
+            while time.monotonic() - started < 1.0:
+                assert trainer.get("/v1/datasets/d").status_code == 200
+                count += 1
+            return count
 
-            with key_lookups(db) as lookups, ThreadPoolExecutor(max_workers=16) as pool:
-                requests = sum(pool.map(lambda _: loop(), range(16)))
-            # Half bounds in a second: 10; a read that ends late may let one entry run out.
-            assert 1 <= len(lookups) <= 15 < requests, (len(lookups), requests)
-    finally:
-        db.dispose()
+        with key_lookups(db) as lookups, ThreadPoolExecutor(max_workers=16) as pool:
+            requests = sum(pool.map(lambda _: loop(), range(16)))
+        # Half bounds in a second: 10; a read that ends late may let one entry run out.
+        assert 1 <= len(lookups) <= 15 < requests, (len(lookups), requests)
