@@ -157,10 +157,9 @@ def run_all(args: argparse.Namespace, backends: list[str], workdir: Path) -> Non
         measured += [measure(c, args, workdir) for c in configurations(args, backends, workers)]
     if args.growth:
         for backend in backends:
-            with fresh_database(backend, args.postgres_url, workdir) as url:
-                points += measure_growth(
-                    backend, url, args.growth_sizes, args.growth_requests, workdir
-                )
+            points += measure_growth(
+                backend, args.postgres_url, args.growth_sizes, args.growth_requests, workdir
+            )
 
     print("\n".join(machine))
     print(

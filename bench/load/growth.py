@@ -8,8 +8,10 @@ server would have written them; only durability is relaxed while seeding (no fsy
 the server's connections keep theirs). In-process because 100,000 entries over HTTP would take
 many minutes. The operations answer typed results, and the seeder's pipeline records an empty
 answer for each Idempotency-Key (nobody replays them), so nothing of `service.api` is
-imported. The server is restarted on that database for each size; the chain is verified at
-the end.
+imported. Each size has a database of its own, seeded once; the sizes are then measured in
+turn, `GROWTH_ROUNDS` times over, the server restarted on each database for each round (this
+VM's speed drifts by a third within minutes: sizes measured one after the other differed by
+that much). The largest chain is verified at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from sqlalchemy import event
 from accountant import calibrate
 from bench.load.client import Connection, group_cpu_seconds
 from bench.load.report import progress
-from bench.load.servers import admin_client, ledger_server
+from bench.load.servers import admin_client, fresh_database, ledger_server
 from bench.load.workloads import (
     DELTA,
     EPOCHS,
@@ -43,6 +46,9 @@ from service.domain import datasets, keys, releases, runs
 from service.domain.pipeline import Idempotency, Pipeline, Replayed
 from service.storage import migrate
 from service.storage.database import Database
+
+# Rounds over the sizes: each size measured this many times, in turn with the others.
+GROWTH_ROUNDS = 3
 
 
 def relax_durability(db: Database) -> None:
@@ -164,15 +170,57 @@ async def epoch_latencies(port: int, token: str, run_id: str, count: int) -> lis
 
 
 def measure_growth(
-    backend: str, url: str, sizes: Sequence[int], requests: int, workdir: Path
+    backend: str,
+    admin_url: str,
+    sizes: Sequence[int],
+    requests: int,
+    workdir: Path,
+    rounds: int = GROWTH_ROUNDS,
 ) -> list[GrowthPoint]:
-    """Seed to each size in turn, (re)start the server and time epoch admissions."""
-    db = Database(url)
-    relax_durability(db)
-    migrate.upgrade(db.write_engine)
-    seeder = Seeder(db, "growth")
-    seeder.create_dataset()
-    token = seeder.trainer_key()
+    """Seed one database to each size, then time epoch admissions on each in turn, `rounds`
+    times over (a share of `requests` each time): this VM's speed drifts by a third within
+    minutes, so sizes measured one after the other, minutes apart, differed by that much
+    whatever their history; in alternation each size sees the same drift."""
+    with ExitStack() as stack:
+        seeded: list[tuple[str, Seeder, str]] = []
+        for size in sizes:
+            url = stack.enter_context(fresh_database(backend, admin_url, workdir))
+            db = Database(url)
+            relax_durability(db)
+            migrate.upgrade(db.write_engine)
+            seeder = Seeder(db, "growth")
+            seeder.create_dataset()
+            token = seeder.trainer_key()
+            started = time.perf_counter()
+            seeder.until(size)
+            seconds = time.perf_counter() - started
+            progress(f"growth {backend}: seeded to {seeder.entries:,} entries in {seconds:.0f} s")
+            seeded.append((url, seeder, token))
+        share = max(1, requests // rounds)
+        latencies: list[list[float]] = [[] for _ in seeded]
+        cpu_ms: list[list[float]] = [[] for _ in seeded]
+        for _ in range(rounds):
+            for index, (url, seeder, token) in enumerate(seeded):
+                measured, server_cpu_ms = _epoch_round(url, seeder, token, share, workdir)
+                latencies[index] += measured
+                cpu_ms[index].append(server_cpu_ms)
+        url, seeder, _ = seeded[-1]
+        with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
+            verdict = http.get("/v1/datasets/growth/ledger/verify").json()
+            if not verdict["ok"]:
+                raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")
+        return [
+            GrowthPoint(backend, seeder.entries, measured, statistics.mean(cpu))
+            for (_, seeder, _), measured, cpu in zip(seeded, latencies, cpu_ms, strict=True)
+        ]
+
+
+def _epoch_round(
+    url: str, seeder: Seeder, token: str, requests: int, workdir: Path
+) -> tuple[list[float], float]:
+    """One round on one size: (re)start the server on its database, plan a run, time `requests`
+    epochs after a warm-up; (latencies, server CPU ms per admission). The database keeps the
+    run's entries, so its size is given as it was before its first round."""
     warmup = max(10, requests // 10)
     plan = {
         "sample_rate": SAMPLE_RATE,
@@ -180,25 +228,13 @@ def measure_growth(
         "epochs": warmup + requests,
         "noise_multiplier": seeder.plan.noise_multiplier,
     }
-    points = []
-    for size in sizes:
-        started = time.perf_counter()
-        seeder.until(size)
-        seconds = time.perf_counter() - started
-        progress(f"growth {backend}: seeded to {seeder.entries:,} entries in {seconds:.0f} s")
-        with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
-            answer = http.post("/v1/datasets/growth/runs", json=plan)
-            answer.raise_for_status()
-            run_id = answer.json()["id"]
-            uvloop.run(epoch_latencies(server.port, token, run_id, warmup))
-            cpu_before = group_cpu_seconds(server.pgid)
-            latencies = uvloop.run(epoch_latencies(server.port, token, run_id, requests))
-            server_cpu_ms = (group_cpu_seconds(server.pgid) - cpu_before) / requests * 1e3
-            http.post(f"/v1/runs/{run_id}/complete").raise_for_status()
-            points.append(GrowthPoint(backend, seeder.entries, latencies, server_cpu_ms))
-            seeder.entries = int(http.get("/v1/datasets/growth").json()["ledger_seq"])
-            if size == sizes[-1]:
-                verdict = http.get("/v1/datasets/growth/ledger/verify").json()
-                if not verdict["ok"]:
-                    raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")
-    return points
+    with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
+        answer = http.post("/v1/datasets/growth/runs", json=plan)
+        answer.raise_for_status()
+        run_id = answer.json()["id"]
+        uvloop.run(epoch_latencies(server.port, token, run_id, warmup))
+        cpu_before = group_cpu_seconds(server.pgid)
+        latencies = uvloop.run(epoch_latencies(server.port, token, run_id, requests))
+        server_cpu_ms = (group_cpu_seconds(server.pgid) - cpu_before) / requests * 1e3
+        http.post(f"/v1/runs/{run_id}/complete").raise_for_status()
+    return latencies, server_cpu_ms
