@@ -229,11 +229,12 @@ def write_staged(session: Session) -> None:
     if not updates and not staged:
         return
     connection = session.connection()
-    if updates or not session.new:
+    adds = bool(session.new)  # a new set of the pending rows each time it is read
+    if updates or not adds:
         with _pipelined(connection):
             if updates:
                 _write_updates(connection, updates)
-            if staged and not session.new:
+            if staged and not adds:
                 _insert_staged(connection, staged)
                 staged = None
     if staged:
