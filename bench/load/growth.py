@@ -8,10 +8,10 @@ server would have written them; only durability is relaxed while seeding (no fsy
 the server's connections keep theirs). In-process because 100,000 entries over HTTP would take
 many minutes. The operations answer typed results, and the seeder's pipeline records an empty
 answer for each Idempotency-Key (nobody replays them), so nothing of `service.api` is
-imported. Each size has a database of its own, seeded once; the sizes are then measured in
-turn, `GROWTH_ROUNDS` times over, the server restarted on each database for each round (this
-VM's speed drifts by a third within minutes: sizes measured one after the other differed by
-that much). The largest chain is verified at the end.
+imported. Each size has a database of its own, seeded once, and a server of its own; the
+sizes are then measured in turn, `GROWTH_SLICES` times over, a share of the requests each time
+(this VM's speed drifts by a third within minutes: sizes measured one after the other differed
+by that much). The largest chain is verified at the end.
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ import hashlib
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvloop
 from sqlalchemy import event
 
 from accountant import calibrate
 from bench.load.client import Connection, group_cpu_seconds
 from bench.load.report import progress
-from bench.load.servers import admin_client, fresh_database, ledger_server
+from bench.load.servers import Server, admin_client, fresh_database, ledger_server
 from bench.load.workloads import (
     DELTA,
     EPOCHS,
@@ -47,8 +48,8 @@ from service.domain.pipeline import Idempotency, Pipeline, Replayed
 from service.storage import migrate
 from service.storage.database import Database
 
-# Rounds over the sizes: each size measured this many times, in turn with the others.
-GROWTH_ROUNDS = 3
+# Slices over the sizes: each size measured this many times, in turn with the others.
+GROWTH_SLICES = 20
 
 
 def relax_durability(db: Database) -> None:
@@ -175,12 +176,13 @@ def measure_growth(
     sizes: Sequence[int],
     requests: int,
     workdir: Path,
-    rounds: int = GROWTH_ROUNDS,
+    slices: int = GROWTH_SLICES,
 ) -> list[GrowthPoint]:
-    """Seed one database to each size, then time epoch admissions on each in turn, `rounds`
-    times over (a share of `requests` each time): this VM's speed drifts by a third within
-    minutes, so sizes measured one after the other, minutes apart, differed by that much
-    whatever their history; in alternation each size sees the same drift."""
+    """Seed one database to each size, serve each with its own server, then time epoch
+    admissions on each in turn, `slices` times over (a share of `requests` each time): this
+    VM's speed drifts by a third within minutes, so sizes measured one after the other,
+    minutes apart, differed by that much whatever their history; interleaved in slices of a
+    second or less, each size sees the same drift. One client, so one server works at a time."""
     with ExitStack() as stack:
         seeded: list[tuple[str, Seeder, str]] = []
         for size in sizes:
@@ -196,45 +198,62 @@ def measure_growth(
             seconds = time.perf_counter() - started
             progress(f"growth {backend}: seeded to {seeder.entries:,} entries in {seconds:.0f} s")
             seeded.append((url, seeder, token))
-        share = max(1, requests // rounds)
-        latencies: list[list[float]] = [[] for _ in seeded]
-        cpu_ms: list[list[float]] = [[] for _ in seeded]
-        for _ in range(rounds):
-            for index, (url, seeder, token) in enumerate(seeded):
-                measured, server_cpu_ms = _epoch_round(url, seeder, token, share, workdir)
-                latencies[index] += measured
-                cpu_ms[index].append(server_cpu_ms)
-        url, seeder, _ = seeded[-1]
-        with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
-            verdict = http.get("/v1/datasets/growth/ledger/verify").json()
-            if not verdict["ok"]:
-                raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")
+        share = max(1, requests // slices)
+        targets = [
+            stack.enter_context(_EpochTarget.serving(url, token, seeder, share * slices, workdir))
+            for url, seeder, token in seeded
+        ]
+        for _ in range(slices):
+            for target in targets:
+                target.measure(share)
+        _, seeder, _ = seeded[-1]
+        verdict = targets[-1].http.get("/v1/datasets/growth/ledger/verify").json()
+        if not verdict["ok"]:
+            raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")
         return [
-            GrowthPoint(backend, seeder.entries, measured, statistics.mean(cpu))
-            for (_, seeder, _), measured, cpu in zip(seeded, latencies, cpu_ms, strict=True)
+            GrowthPoint(backend, seeder.entries, target.latencies, target.server_cpu_ms())
+            for (_, seeder, _), target in zip(seeded, targets, strict=True)
         ]
 
 
-def _epoch_round(
-    url: str, seeder: Seeder, token: str, requests: int, workdir: Path
-) -> tuple[list[float], float]:
-    """One round on one size: (re)start the server on its database, plan a run, time `requests`
-    epochs after a warm-up; (latencies, server CPU ms per admission). The database keeps the
-    run's entries, so its size is given as it was before its first round."""
-    warmup = max(10, requests // 10)
-    plan = {
-        "sample_rate": SAMPLE_RATE,
-        "steps_per_epoch": STEPS_PER_EPOCH,
-        "epochs": warmup + requests,
-        "noise_multiplier": seeder.plan.noise_multiplier,
-    }
-    with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
-        answer = http.post("/v1/datasets/growth/runs", json=plan)
-        answer.raise_for_status()
-        run_id = answer.json()["id"]
-        uvloop.run(epoch_latencies(server.port, token, run_id, warmup))
-        cpu_before = group_cpu_seconds(server.pgid)
-        latencies = uvloop.run(epoch_latencies(server.port, token, run_id, requests))
-        server_cpu_ms = (group_cpu_seconds(server.pgid) - cpu_before) / requests * 1e3
-        http.post(f"/v1/runs/{run_id}/complete").raise_for_status()
-    return latencies, server_cpu_ms
+class _EpochTarget:
+    """One seeded database served by its own server (1 worker), with a run planned for the
+    measured epochs; the database keeps that run's entries, so its size is given as seeded."""
+
+    def __init__(self, server: Server, http: httpx.Client, token: str, run_id: str) -> None:
+        self.server, self.http, self.token, self.run_id = server, http, token, run_id
+        self.latencies: list[float] = []
+        self.cpu_seconds = 0.0
+
+    @classmethod
+    @contextmanager
+    def serving(
+        cls, url: str, token: str, seeder: Seeder, requests: int, workdir: Path
+    ) -> Iterator[_EpochTarget]:
+        """Start the server, plan the run and warm it up; complete the run on the way out."""
+        warmup = max(10, requests // 10)
+        plan = {
+            "sample_rate": SAMPLE_RATE,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "epochs": warmup + requests,
+            "noise_multiplier": seeder.plan.noise_multiplier,
+        }
+        with ledger_server(url, 1, workdir) as server, admin_client(server) as http:
+            answer = http.post("/v1/datasets/growth/runs", json=plan)
+            answer.raise_for_status()
+            target = cls(server, http, token, answer.json()["id"])
+            uvloop.run(epoch_latencies(server.port, token, target.run_id, warmup))
+            yield target
+            http.post(f"/v1/runs/{target.run_id}/complete").raise_for_status()
+
+    def measure(self, requests: int) -> None:
+        """Time `requests` epoch admissions, one at a time, and the server's CPU for them."""
+        cpu_before = group_cpu_seconds(self.server.pgid)
+        self.latencies += uvloop.run(
+            epoch_latencies(self.server.port, self.token, self.run_id, requests)
+        )
+        self.cpu_seconds += group_cpu_seconds(self.server.pgid) - cpu_before
+
+    def server_cpu_ms(self) -> float:
+        """The server's CPU per measured admission, in milliseconds."""
+        return self.cpu_seconds / len(self.latencies) * 1e3
