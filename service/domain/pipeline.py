@@ -9,7 +9,9 @@ idempotency record, commit. No answer leaves before its commit.
 Combined commits (flat combining, group commit). Admissions that arrive together in one
 process queue on its lane; the first to find the lane idle leads: it takes every queued
 admission (up to `max_batch`), locks their datasets in one statement (in id order, so two
-batches never deadlock), decides them one after another in arrival order — each against
+batches never deadlock), takes the admissions that queued while it waited for those locks
+(on PostgreSQL those of the datasets it now holds; on SQLite, whose write lock holds the whole
+database, every one), decides them one after another in arrival order — each against
 the state the previous ones of its dataset left — stores each one's entry and idempotency
 record, and commits them together. Then it hands the lane to the next queued admission,
 which leads the next batch. One batch spans datasets: with many datasets and a few
@@ -123,6 +125,7 @@ class _Ticket(Generic[R]):
     done: bool = False
     # Put back once because another process held its dataset: its next batch waits for the lock.
     deferred: bool = False
+    taken_at: float = 0.0  # when a batch took it
 
     def outcome(self) -> R | Replayed:
         if self.error is not None:
@@ -213,9 +216,12 @@ class Pipeline:
             batch = lane.waiting[: self.max_batch]
             del lane.waiting[: self.max_batch]
         started = time.perf_counter()
+        for ticket in batch:
+            ticket.taken_at = started
         deferred: list[_Ticket[object]] = []
         try:
-            deferred = self._combined(batch)
+            # `batch` grows by the tickets that join once the locks are held (`_join`).
+            deferred = self._combined(lane, batch)
         except IntegrityError:
             # A unique-key race with another process (two first uses of one Idempotency-Key),
             # refused by the database, so nothing was written: each decided again alone, where
@@ -236,7 +242,7 @@ class Pipeline:
             finished = [t for t in batch if t not in deferred]
             metrics.BATCH_SIZE.observe(len(finished))
             for ticket in finished:
-                metrics.BATCH_WAIT.observe(started - ticket.queued_at)
+                metrics.BATCH_WAIT.observe(ticket.taken_at - ticket.queued_at)
             with self._mutex:
                 for ticket in finished:
                     ticket.done = True
@@ -260,9 +266,11 @@ class Pipeline:
             except Exception as exc:
                 _fail(ticket, exc)
 
-    def _combined(self, batch: list[_Ticket[object]]) -> list[_Ticket[object]]:
+    def _combined(self, lane: _Lane, batch: list[_Ticket[object]]) -> list[_Ticket[object]]:
         """Decide every ticket under its dataset's lock and commit them together; the tickets
-        put back for the next batch (their datasets locked by another process just now)."""
+        put back for the next batch (their datasets locked by another process just now).
+        Tickets that queued while the locks were awaited join the batch (`_join`): `batch`
+        is extended in place, so the caller answers them too."""
         started = time.perf_counter()
         tally: list[tuple[str | None, str]] = []
         # A batch first takes the datasets nobody else holds (SKIP LOCKED): two processes then
@@ -274,17 +282,17 @@ class Pipeline:
             locked = self.db.lock_datasets(session, wanted, skip_locked=skip_held)
             metrics.LOCK_WAIT.observe(time.perf_counter() - started)
             deferred = [t for t in batch if skip_held and t.dataset_id not in locked]
-            if deferred:
-                if len(deferred) == len(batch):
-                    return deferred
-                batch = [t for t in batch if t not in deferred]
-            records = _stored_records(session, [t.admission for t in batch])
-            run_ids = [t.admission.run_id for t in batch if t.admission.run_id is not None]
+            self._join(lane, batch, session, locked)
+            decided = [t for t in batch if t not in deferred] if deferred else batch
+            if not decided:
+                return deferred
+            records = _stored_records(session, [t.admission for t in decided])
+            run_ids = [t.admission.run_id for t in decided if t.admission.run_id is not None]
             if run_ids:  # one statement loads every run the batch touches
                 statement = select(Run).where(Run.id.in_(sorted(set(run_ids))))
                 # Held for the transaction: the identity map only keeps rows referenced.
                 session.info["batch_runs"] = session.execute(statement).scalars().all()
-            for ticket in batch:
+            for ticket in decided:
                 ticket.result, ticket.error = None, None
                 dataset = locked.get(ticket.dataset_id)
                 try:
@@ -297,6 +305,40 @@ class Pipeline:
                     raise _Undecided(ticket, exc) from exc
         _count(tally)
         return deferred
+
+    def _join(
+        self,
+        lane: _Lane,
+        batch: list[_Ticket[object]],
+        session: Session,
+        locked: dict[str, Dataset],
+    ) -> None:
+        """Add to `batch` the tickets that queued while its locks were awaited: on PostgreSQL
+        those whose datasets it holds, on SQLite (the whole database is held) every one, their
+        datasets read now. Taken once the locks are held, they are decided in this turn of the
+        lock rather than the next: with two processes on one dataset a batch taken before the
+        wait held only the requests answered two turns earlier."""
+        room = self.max_batch - len(batch)
+        if room <= 0:
+            return
+        now = time.perf_counter()
+        with self._mutex:
+            if self.db.is_sqlite:
+                late = lane.waiting[:room]
+                del lane.waiting[:room]
+            else:
+                late = [t for t in lane.waiting if t.dataset_id in locked][:room]
+                if late:
+                    taken = set(map(id, late))
+                    lane.waiting[:] = [t for t in lane.waiting if id(t) not in taken]
+        if not late:
+            return
+        for ticket in late:
+            ticket.taken_at = now
+        batch.extend(late)
+        missing = sorted({t.dataset_id for t in late} - locked.keys())
+        if missing:  # SQLite only: rows read under the database's write lock
+            locked.update(self.db.lock_datasets(session, missing))
 
     # -- one admission ------------------------------------------------------------------------
 

@@ -401,6 +401,48 @@ def test_a_dataset_held_elsewhere_waits_alone(api: Api, database: Database) -> N
         assert len(charges) == 1
 
 
+def test_admissions_queued_while_a_batch_awaits_its_lock_join_it(
+    api: Api, database: Database
+) -> None:
+    """A batch waiting for its dataset's lock (held by another process) takes, once it holds
+    it, the admissions of that dataset that queued meanwhile: they are decided in this turn of
+    the lock, not the next. PostgreSQL: the first batch puts the admission back (SKIP LOCKED),
+    the next waits for the lock; SQLite: the batch waits for the database's write lock."""
+    api.create_dataset("turns", 10.0)
+    trainer = api.as_key(api.new_key("trainer", ["turns"]))
+    pipeline = _pipeline(api)
+    path = "/v1/datasets/turns/releases"
+    batches, admissions = _batches()
+    put_back = 0 if database.is_sqlite else 1  # PostgreSQL's SKIP LOCKED batch, of none
+
+    def awaiting_lock() -> bool:
+        with pipeline._mutex:
+            idle = pipeline._lane.busy and not pipeline._lane.waiting
+        return idle and _batches()[0] == batches + put_back
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with database.write() as elsewhere:  # another process's transaction on "turns"
+            assert database.lock_dataset(elsewhere, "turns") is not None
+            first = pool.submit(trainer.post, path, TENTH)
+            deadline = time.monotonic() + DEADLINE
+            while not awaiting_lock():
+                assert time.monotonic() < deadline, "the first admission never awaited the lock"
+                time.sleep(0.005)
+            time.sleep(0.2)  # its batch is taken and waits for the lock: nothing moves now
+            assert awaiting_lock() and not first.done()
+            later = [pool.submit(trainer.post, path, TENTH) for _ in range(2)]
+            deadline = time.monotonic() + DEADLINE
+            while _queued(pipeline) < 2:
+                assert time.monotonic() < deadline, f"{_queued(pipeline)} of 2 queued"
+                time.sleep(0.005)
+        answers = [f.result(timeout=DEADLINE) for f in (first, *later)]
+    assert [a.status_code for a in answers] == [201] * 3, [a.text for a in answers]
+    # One batch decided all three (plus, on PostgreSQL, the one that put the first back).
+    assert _batches() == (batches + put_back + 1, admissions + 3)
+    charges = [e for e in _assert_consistent(api, database, "turns") if e["kind"] == "charge"]
+    assert len(charges) == 3
+
+
 # -- live servers -----------------------------------------------------------------------------
 
 
