@@ -53,6 +53,12 @@ class Cost:
     # charged (its units are on their grid).
     fixes: StoredShares | None = None
 
+    @cached_property
+    def text(self) -> str:
+        """The units as stored (JSON), encoded once per cost (every epoch of a run is the same
+        Cost object: `holds.epoch_cost`)."""
+        return dumps_units(self.units)
+
     def times(self, copies: int) -> Cost:
         """`copies` of this cost (a run's hold is epochs × one epoch)."""
         # Not PureTotal.times: a finished run releases 0 copies of its epoch.
@@ -218,6 +224,10 @@ class Budget:
     seq: int = -1
     # Set when a cost fixed the shares; the next appended entry records them (ledger.append).
     fixing: bool = False
+    # The current state's figures, computed once (an admission reports them in its entry and
+    # its answer); every change to posted or pending drops the ones it moves.
+    _spent: Decision | None = field(default=None, repr=False, compare=False)
+    _reserved: Decision | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, dataset: Dataset) -> Budget:
@@ -290,6 +300,7 @@ class Budget:
                 raise RuntimeError("a cost computed for shares other than the dataset's")
             return
         self._check_empty()
+        self._spent = self._reserved = None
         self.shares = cost.fixes
         self.filter = member_filter(self.filter.epsilon_cap, self.filter.delta, cost.fixes.shares)
         self.orders = cost.fixes.shares.orders
@@ -319,7 +330,9 @@ class Budget:
 
     def spent_decision(self) -> Decision:
         """The reported spent ε and the member that gives it (None when nothing is spent)."""
-        return self._decision(self.posted, self.pure_posted)
+        if self._spent is None:
+            self._spent = self._decision(self.posted, self.pure_posted)
+        return self._spent
 
     def epsilon_spent(self) -> float:
         """Filter ε of the posted charges (minimum over members at their shares)."""
@@ -327,7 +340,10 @@ class Budget:
 
     def epsilon_reserved(self) -> float:
         """Filter ε of posted charges plus pending holds."""
-        return self._decision(exact.add(self.posted, self.pending), self._reserved_pure()).epsilon
+        if self._reserved is None:
+            total = exact.add(self.posted, self.pending)
+            self._reserved = self._decision(total, self._reserved_pure())
+        return self._reserved.epsilon
 
     def _with(self, cost: Cost) -> tuple[MemberFilter, Units, PureTotal | None]:
         filter_, total = self.decided_against(cost)
@@ -371,24 +387,31 @@ class Budget:
         self._fix(cost)
         self.pending = exact.add(self.pending, cost.units)
         self.pure_pending = _plus(self.pure_pending, cost.pure)
+        self._reserved = None
 
     def release(self, cost: Cost) -> None:
         """Release (part of) a hold."""
         self.pending = exact.subtract(self.pending, cost.units)
         self.pure_pending = _minus(self.pure_pending, cost.pure)
+        self._reserved = None
 
     def charge(self, cost: Cost, *, from_hold: bool) -> None:
         """Post a charge, moving it out of a hold when it was held."""
         self._fix(cost)
+        # Moved out of a hold, a charge leaves posted + pending as they were, exactly (integer
+        # units, exact pure sums), and so the reserved figure.
+        reserved = self._reserved if from_hold else None
         if from_hold:
             self.release(cost)
         self.posted = exact.add(self.posted, cost.units)
         self.pure_posted = _plus(self.pure_posted, cost.pure)
+        self._spent, self._reserved = None, reserved
 
     def refund(self, cost: Cost) -> None:
         """Subtract a posted charge (a refund, or a void written before migration 0004)."""
         self.posted = exact.subtract(self.posted, cost.units)
         self.pure_posted = _minus(self.pure_posted, cost.pure)
+        self._spent = self._reserved = None
 
 
 def share_of(shares: Shares, member_order: float) -> Fraction:

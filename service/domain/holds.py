@@ -43,10 +43,20 @@ _SHUFFLE_REASON = (
 
 def epoch_mechanism(run: Run, epochs: int = 1) -> Mechanism:
     """The mechanism `epochs` epochs of a run are charged as (see DESIGN.md §3)."""
-    if run.sampling == "shuffle":
+    return _mechanism(
+        run.sampling, run.sample_rate, run.noise_multiplier, run.steps_per_epoch * epochs, epochs
+    )
+
+
+@lru_cache(maxsize=1024)
+def _mechanism(
+    sampling: str, sample_rate: float, noise_multiplier: float, steps: int, epochs: int
+) -> Mechanism:
+    # Built (and validated) once per run shape: every epoch of a run is charged as the same.
+    if sampling == "shuffle":
         # One substitution in one batch per epoch: one Gaussian step of sensitivity 2C.
-        return Gaussian(run.noise_multiplier / SHUFFLE_SENSITIVITY, epochs)
-    return SubsampledGaussian(run.sample_rate, run.noise_multiplier, run.steps_per_epoch * epochs)
+        return Gaussian(noise_multiplier / SHUFFLE_SENSITIVITY, epochs)
+    return SubsampledGaussian(sample_rate, noise_multiplier, steps)
 
 
 def epoch_cost(run: Run) -> Cost:

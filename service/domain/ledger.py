@@ -34,7 +34,6 @@ from service.domain.budget import (
     FIRST_ADMISSION,
     Budget,
     Cost,
-    dumps_units,
     loads_pure,
     loads_units,
 )
@@ -201,7 +200,7 @@ def append(
     spent_after, reserved_after = budget.epsilon_spent(), budget.epsilon_reserved()
     actor = request.actor
     mechanism = canonical(params) if params is not None else None
-    units = dumps_units(cost.units) if cost is not None else None
+    units = cost.text if cost is not None else None
     details_text = canonical(details)
     row: dict[str, Any] = {
         "dataset_id": dataset.id,
