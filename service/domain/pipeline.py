@@ -43,9 +43,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Select, and_, bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -285,11 +286,12 @@ class Pipeline:
             decided = [t for t in batch if t not in deferred] if deferred else batch
             if not decided:
                 return deferred
-            records = _stored_records(self.db, session, [t.admission for t in decided])
+            records = _stored_records(session, [t.admission for t in decided])
             run_ids = [t.admission.run_id for t in decided if t.admission.run_id is not None]
             if run_ids:  # one statement loads every run the batch touches
+                statement = select(Run).where(Run.id.in_(sorted(set(run_ids))))
                 # Held for the transaction: the identity map only keeps rows referenced.
-                session.info["batch_runs"] = self.db.runs(session, sorted(set(run_ids)))
+                session.info["batch_runs"] = session.execute(statement).scalars().all()
             for ticket in decided:
                 ticket.result, ticket.error = None, None
                 dataset = locked.get(ticket.dataset_id)
@@ -350,7 +352,7 @@ class Pipeline:
                     dataset = self._lock(session, admission)
                     if dataset is not None:
                         metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-                    records = _stored_records(self.db, session, [admission])
+                    records = _stored_records(session, [admission])
                     try:
                         result = self._decide(session, dataset, admission, records, tally)
                     except DomainError:
@@ -452,14 +454,30 @@ def _fail(ticket: _Ticket[R], error: BaseException) -> None:
 
 
 def _stored_records(
-    db: Database, session: Session, admissions: Sequence[Admission[Any]]
+    session: Session, admissions: Sequence[Admission[Any]]
 ) -> dict[tuple[str, str], tuple[str, int, str]]:
     """The stored records of every Idempotency-Key of `admissions`, in one statement."""
     wanted = {
         (a.idempotency.holder, a.idempotency.key) for a in admissions if a.idempotency is not None
     }
-    rows = db.idempotency_records(session, sorted(wanted))
-    return {
-        (holder, key): (fingerprint, status, body)
-        for holder, key, fingerprint, status, body in rows
-    }
+    if not wanted:
+        return {}
+    parameters: dict[str, str] = {}
+    for index, (holder, key) in enumerate(sorted(wanted)):
+        parameters[f"holder_{index}"], parameters[f"key_{index}"] = holder, key
+    rows = session.execute(_records_statement(len(wanted)), parameters)
+    return {(r.holder, r.key): (r.request_hash, r.status_code, r.response_body) for r in rows}
+
+
+@lru_cache(maxsize=MAX_BATCH)
+def _records_statement(count: int) -> Select[str, str, str, int, str]:
+    """The lookup of `count` keys' records, built once per count (building it costs more than
+    running it): one primary-key match per key, OR'ed. SQLite scans the whole table for a
+    row-value IN list (`(holder, key) IN (VALUES …)`), but searches the index for each of these."""
+    record = IdempotencyRecord
+    matches = (
+        and_(record.holder == bindparam(f"holder_{i}"), record.key == bindparam(f"key_{i}"))
+        for i in range(count)
+    )
+    columns = (record.holder, record.key, record.request_hash, record.status_code)
+    return select(*columns, record.response_body).where(or_(*matches))

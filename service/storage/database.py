@@ -49,20 +49,14 @@ except ImportError:  # not on Windows: there, only a process's own writers queue
     fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import (
-    ARRAY,
     Engine,
-    Select,
-    String,
     Table,
     Update,
-    and_,
-    any_,
     bindparam,
     create_engine,
     event,
     insert,
     inspect,
-    or_,
     select,
     text,
     update,
@@ -73,7 +67,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from service.storage.models import Base, Dataset, IdempotencyRecord, LedgerEntry, Release, Run
+from service.storage.models import Base, Dataset, IdempotencyRecord, LedgerEntry, Release
 
 _STAGED = "staged_rows"
 _UPDATES = "staged_updates"
@@ -174,87 +168,17 @@ class Database:
         With `skip_locked` (PostgreSQL), rows another transaction holds are left out rather
         than waited for. SQLite: BEGIN IMMEDIATE already holds the whole database.
         """
-        rows = session.execute(
-            _datasets_statement(self.is_sqlite, skip_locked), {"ids": dataset_ids}
-        )
-        return {row.id: row for row in rows.scalars()}
-
-    def runs(self, session: Session, run_ids: list[str]) -> list[Run]:
-        """The rows of these runs (those that exist), read afresh, in one statement."""
-        statement = _runs_statement(self.is_sqlite)
-        return list(session.execute(statement, {"ids": run_ids}).scalars())
-
-    def idempotency_records(
-        self, session: Session, keys: list[tuple[str, str]]
-    ) -> list[tuple[str, str, str, int, str]]:
-        """The stored records of these (holder, key) pairs: (holder, key, request_hash,
-        status_code, response_body) each, in one statement."""
-        if not keys:
-            return []
-        parameters: dict[str, Any]
-        if self.is_sqlite:
-            parameters = {}
-            for index, (holder, key) in enumerate(keys):
-                parameters[f"holder_{index}"], parameters[f"key_{index}"] = holder, key
-            statement: Any = _records_statement(len(keys))
-        else:
-            holders = [holder for holder, _ in keys]
-            names = [key for _, key in keys]
-            statement, parameters = _RECORDS_BY_PAIRS, {"holders": holders, "keys": names}
-        rows = session.execute(statement, parameters)
-        return [(r.holder, r.key, r.request_hash, r.status_code, r.response_body) for r in rows]
+        statement = select(Dataset).where(Dataset.id.in_(dataset_ids)).order_by(Dataset.id)
+        if not self.is_sqlite:
+            statement = statement.with_for_update(skip_locked=skip_locked)
+        rows = session.execute(statement.execution_options(populate_existing=True)).scalars()
+        return {row.id: row for row in rows}
 
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
-
-
-# PostgreSQL: every list is one array parameter (`= ANY`), so a statement has one text whatever
-# the number of rows it asks for, and psycopg prepares it once; an IN list, or an OR of
-# matches, is a new text (planned anew) for every count.
-_IDS = bindparam("ids", type_=ARRAY(String))
-
-
-@lru_cache(maxsize=4)
-def _datasets_statement(sqlite: bool, skip_locked: bool) -> Select[Dataset]:
-    if sqlite:  # BEGIN IMMEDIATE already holds the whole database
-        statement = select(Dataset).where(Dataset.id.in_(bindparam("ids", expanding=True)))
-    else:
-        statement = select(Dataset).where(Dataset.id == any_(_IDS))
-        statement = statement.with_for_update(skip_locked=skip_locked)
-    return statement.order_by(Dataset.id).execution_options(populate_existing=True)
-
-
-@lru_cache(maxsize=2)
-def _runs_statement(sqlite: bool) -> Select[Run]:
-    if sqlite:
-        return select(Run).where(Run.id.in_(bindparam("ids", expanding=True)))
-    return select(Run).where(Run.id == any_(_IDS))
-
-
-# The exact pairs, each found through the primary key (a nested loop over the arrays).
-_RECORDS_BY_PAIRS = text(
-    "SELECT r.holder, r.key, r.request_hash, r.status_code, r.response_body "
-    "FROM idempotency_records AS r "
-    "JOIN unnest(CAST(:holders AS text[]), CAST(:keys AS text[])) AS wanted(holder, key) "
-    "ON r.holder = wanted.holder AND r.key = wanted.key"
-)
-
-
-@lru_cache(maxsize=128)
-def _records_statement(count: int) -> Select[str, str, str, int, str]:
-    """SQLite's lookup of `count` keys' records, built once per count (building it costs more
-    than running it): one primary-key match per key, OR'ed. SQLite scans the whole table for a
-    row-value IN list (`(holder, key) IN (VALUES …)`), but searches the index for each of these."""
-    record = IdempotencyRecord
-    matches = (
-        and_(record.holder == bindparam(f"holder_{i}"), record.key == bindparam(f"key_{i}"))
-        for i in range(count)
-    )
-    columns = (record.holder, record.key, record.request_hash, record.status_code)
-    return select(*columns, record.response_body).where(or_(*matches))
 
 
 def stage(session: Session, row: Base) -> None:
