@@ -206,7 +206,6 @@ def measure_growth(
         for _ in range(slices):
             for target in targets:
                 target.measure(share)
-        _, seeder, _ = seeded[-1]
         verdict = targets[-1].http.get("/v1/datasets/growth/ledger/verify").json()
         if not verdict["ok"]:
             raise RuntimeError(f"the seeded chain does not verify: {verdict['problems']}")

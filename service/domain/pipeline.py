@@ -329,8 +329,8 @@ class Pipeline:
             else:
                 late = [t for t in lane.waiting if t.dataset_id in locked][:room]
                 if late:
-                    taken = set(map(id, late))
-                    lane.waiting[:] = [t for t in lane.waiting if id(t) not in taken]
+                    taken = set(late)  # tickets hash by identity
+                    lane.waiting[:] = [t for t in lane.waiting if t not in taken]
         if not late:
             return
         for ticket in late:
