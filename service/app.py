@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import secret_key
 from service.api import errors, openapi, render
 from service.api.errors import problem
+from service.api.lane import AdmissionLane
 from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
 from service.domain.keys import KeyCache
 from service.domain.pipeline import Pipeline
@@ -138,8 +140,16 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
-    """Build the application (`served_app` builds it in every worker of a served process)."""
+def create_app(
+    settings: Settings | None = None,
+    database: Database | None = None,
+    *,
+    admission_lane: bool = True,
+) -> FastAPI:
+    """Build the application (`served_app` builds it in every worker of a served process).
+
+    `admission_lane=False` leaves every request to FastAPI (the lane's tests compare the two).
+    """
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -167,6 +177,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     for module in (health, datasets, runs, releases, ledger, keys, accountant):
         app.include_router(module.router)
     app.include_router(ui_router)
+    if admission_lane:  # innermost of ours: the guard and the request context see its requests
+        routes = [
+            r for r in (*runs.router.routes, *releases.router.routes) if isinstance(r, APIRoute)
+        ]
+        app.add_middleware(AdmissionLane, fastapi=app, routes=routes)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)
     configure_logging(settings.log_level)

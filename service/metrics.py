@@ -50,6 +50,11 @@ ADMISSIONS = Counter(
 REFUSALS = Counter(
     "ledger_budget_refusals_total", "Requests refused by the cap filter.", ["operation"]
 )
+LANE = Counter(
+    "ledger_admission_lane_total",
+    "Requests of the admission lane's routes it served itself, or passed to the framework.",
+    ["outcome"],
+)
 REPLAYS = Counter("ledger_idempotent_replays_total", "Responses replayed for an Idempotency-Key.")
 LOCK_WAIT = Histogram(
     "ledger_lock_wait_seconds",

@@ -1,6 +1,7 @@
 """The ceilings every load figure is compared with, measured in the same run.
 
-- framework: `null_app`, one FastAPI endpoint that does nothing (a plain `def`, as ours are),
+- framework: `null_app`, one FastAPI endpoint that does nothing (an `async def`, as our
+  admission routes are),
   served by uvicorn with the same worker count and driven by the same client;
 - database (PostgreSQL only): `pgbench -M prepared` with one UPDATE of one row, as many
   clients, in a throwaway database. An admission locks and updates one dataset row, so this
@@ -27,13 +28,14 @@ from bench.load.servers import Server, scratch_postgres, serving
 def null_app() -> FastAPI:
     """The framework's ceiling: every POST (and GET) answered at once with a fixed body.
 
-    The endpoint is a plain `def`, as ours are, so it pays the same hop to the thread pool.
-    Its body carries an `id`, so the trainer mix runs against it unchanged.
+    The endpoint is an `async def`, as our admission routes are (until 2026-12-07 they and it
+    were plain `def`s, each request paying a hop to the thread pool). Its body carries an `id`,
+    so the trainer mix runs against it unchanged.
     """
     app = FastAPI()
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
-    def nothing(path: str) -> JSONResponse:
+    async def nothing(path: str) -> JSONResponse:
         return JSONResponse({"id": "run_null"}, status_code=201)
 
     return app

@@ -2,16 +2,17 @@
 
 One client, sequential, with 100, 10,000 and 100,000 existing entries on the dataset. The
 history is written in-process through the domain's public operations (`service.domain`'s
-`datasets.create`, `keys.create`, `runs.create`, `reserve_epoch`, `finish`, `releases.create`:
-the calls the routes make), so the chain, cached curves and idempotency records are as the
-server would have written them; only durability is relaxed while seeding (no fsync per commit;
-the server's connections keep theirs). In-process because 100,000 entries over HTTP would take
-many minutes. The operations answer typed results, and the seeder's pipeline records an empty
-answer for each Idempotency-Key (nobody replays them), so nothing of `service.api` is
-imported. Each size has a database of its own, seeded once, and a server of its own; the
-sizes are then measured in turn, `GROWTH_SLICES` times over, a share of the requests each time
-(this VM's speed drifts by a third within minutes: sizes measured one after the other differed
-by that much). The largest chain is verified at the end.
+`datasets.create` and `keys.create`, and the admissions `runs.plan`, `runs.epoch`,
+`runs.finish` and `releases.release` submitted to the pipeline, as the routes submit them), so
+the chain, cached curves and idempotency records are as the server would have written them;
+only durability is relaxed while seeding (no fsync per commit; the server's connections keep
+theirs). In-process because 100,000 entries over HTTP would take many minutes. The operations
+answer typed results, and the seeder's pipeline records an empty answer for each
+Idempotency-Key (nobody replays them), so nothing of `service.api` is imported. Each size has a
+database of its own, seeded once, and a server of its own; the sizes are then measured in turn,
+`GROWTH_SLICES` times over, a share of the requests each time (this VM's speed drifts by a third
+within minutes: sizes measured one after the other differed by that much). The largest chain is
+verified at the end.
 """
 
 from __future__ import annotations
@@ -129,13 +130,15 @@ class Seeder:
         """Run trainer-mix cycles until the dataset has at least `entries` entries."""
         p, pipeline = self.principal, self.pipeline
         while self.entries < entries:
-            planned = runs.create(pipeline, p, self.dataset_id, self.plan, self._key())
+            planned = pipeline.submit(
+                runs.plan(pipeline, p, self.dataset_id, self.plan, self._key())
+            )
             run_id = _fresh(planned).run.id
             for _ in range(EPOCHS):
-                runs.reserve_epoch(pipeline, p, run_id, self._key())
+                pipeline.submit(runs.epoch(p, run_id, self._key()))
             for spec in self.releases:
-                releases.create(pipeline, p, self.dataset_id, spec, self._key())
-            finished = runs.finish(pipeline, p, run_id, "completed", self._key())
+                pipeline.submit(releases.release(p, self.dataset_id, spec, self._key()))
+            finished = pipeline.submit(runs.finish(p, run_id, "completed", self._key()))
             self.entries = _fresh(finished).dataset.ledger_seq
         self.db.dispose()  # nothing of ours stays connected while the server runs
 

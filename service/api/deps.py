@@ -18,6 +18,7 @@ from fastapi.params import Depends as DependsParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from service.domain import keys
 from service.domain.keys import KeyCache, Principal
@@ -59,12 +60,20 @@ async def _current_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    # On the event loop: a key the process's cache holds needs no database, so no thread; only
-    # a lookup (a key not seen within the cache's bound) goes to the thread pool. The app's
-    # state is read here rather than through sub-dependencies: every request solves this one.
-    state = request.app.state
-    settings: Settings = state.settings
     token = credentials.credentials.strip() if credentials is not None else None
+    return await principal_of(request.scope, token)
+
+
+async def principal_of(scope: Scope, token: str | None) -> Principal:
+    """The principal behind a request's bearer token (or Unauthorized); its key id noted in the
+    request's state for the access log.
+
+    On the event loop: a key the process's cache holds needs no database, so no thread; only
+    a lookup (a key not seen within the cache's bound) goes to the thread pool. The app's
+    state is read here rather than through sub-dependencies: every request solves this one.
+    """
+    state = scope["app"].state
+    settings: Settings = state.settings
     cache: keys.KeyCache = state.key_cache
     principal = keys.recognise(token, settings.admin_key, cache)
     if principal is None:
@@ -77,35 +86,45 @@ async def _current_key(
         principal = await run_in_threadpool(
             partial(keys.authenticate, refresh=True), state.db, token, settings.admin_key, cache
         )
-    request.state.key_id = principal.id
+    scope.setdefault("state", {})["key_id"] = principal.id
     return principal
 
 
 CurrentKey = Annotated[Principal, Depends(_current_key)]
 
 
-def requires(*roles: str) -> DependsParam:
+class Requires:
     """A route dependency that refuses (403) keys without one of `roles` (admin always passes).
 
     The domain checks the role again; this only makes the refusal come first: FastAPI solves a
     route's dependencies before it validates the body, so a trainer's invalid PATCH is told it
-    may not PATCH (403), not how its body is wrong (422).
+    may not PATCH (403), not how its body is wrong (422). A class, not a closure, so that the
+    admission lane (service/api/lane.py) can read the roles of a route it serves.
     """
 
-    async def check(principal: CurrentKey) -> None:  # no I/O: on the event loop
-        principal.require(*roles)
+    def __init__(self, *roles: str) -> None:
+        self.roles = roles
 
-    dependency: DependsParam = Depends(check)
+    async def __call__(self, principal: CurrentKey) -> None:  # no I/O: on the event loop
+        principal.require(*self.roles)
+
+
+def requires(*roles: str) -> DependsParam:
+    """`Requires(*roles)` as a route dependency."""
+    dependency: DependsParam = Depends(Requires(*roles))
     return dependency
 
 
+# What the Idempotency-Key header may hold (visible ASCII, no spaces).
+IDEMPOTENCY_KEY_LENGTH = (1, 255)
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]+$"
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
+        min_length=IDEMPOTENCY_KEY_LENGTH[0],
+        max_length=IDEMPOTENCY_KEY_LENGTH[1],
+        pattern=IDEMPOTENCY_KEY_PATTERN,
         description="Retry-safe key: the same key and request replay the first response.",
     ),
 ]

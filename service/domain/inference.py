@@ -32,7 +32,7 @@ from accountant.mechanisms import Gaussian
 from service.domain import noise, releases, samplers
 from service.domain.errors import InvalidRequest
 from service.domain.keys import Principal
-from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
+from service.domain.pipeline import Admission, Idempotency, Pipeline
 from service.domain.releases import Calibrated, ReleaseResult
 from service.storage.models import Dataset
 
@@ -46,8 +46,8 @@ __all__ = [
     "ArgmaxSpec",
     "calibrate_argmax",
     "check_votes",
-    "create",
     "noisy_argmax",
+    "queries",
 ]
 
 MAX_HISTOGRAMS = 10_000
@@ -183,32 +183,23 @@ def noisy_argmax(counts: np.ndarray, plan: noise.NoisePlan) -> list[int]:
     return [int(label) for label in np.argmax(noisy, axis=1)]
 
 
-def create(
-    pipeline: Pipeline,
+def rehearse(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ArgmaxSpec
+) -> ReleaseResult:
+    """What `queries` would charge now (no noise drawn, no labels); raises its refusal."""
+    return pipeline.rehearse(queries(principal, dataset_id, spec, None, answered=False))
+
+
+def queries(
     principal: Principal,
     dataset_id: str,
     spec: ArgmaxSpec,
     idempotency: Idempotency | None = None,
-) -> ReleaseResult | Replayed:
-    """Charge K noisy-argmax queries as one batch (all or nothing) and answer their labels."""
-    return pipeline.submit(_admission(principal, dataset_id, spec, idempotency, answered=True))
-
-
-def rehearse(
-    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ArgmaxSpec
-) -> ReleaseResult:
-    """What `create` would charge now (no noise drawn, no labels); raises its refusal."""
-    return pipeline.rehearse(_admission(principal, dataset_id, spec, None, answered=False))
-
-
-def _admission(
-    principal: Principal,
-    dataset_id: str,
-    spec: ArgmaxSpec,
-    idempotency: Idempotency | None,
     *,
-    answered: bool,
+    answered: bool = True,
 ) -> Admission[ReleaseResult]:
+    """Charge K noisy-argmax queries as one batch (all or nothing) and answer their labels;
+    the votes are checked here, before the lock (CPU work proportional to them)."""
     principal.require("trainer")
     principal.require_dataset(dataset_id)
     counts = check_votes(spec.teachers, spec.votes)

@@ -29,6 +29,15 @@ each in a transaction of its own. A commit that fails is never decided again —
 landed, and a request without a key would be charged twice — so each of its admissions
 answers the error, and clients retry with their keys.
 
+Threads and coroutines. `submit` blocks its thread until its admission is decided (the CLI,
+the benchmarks' seeding, the routes that are plain `def`s); `submit_async` awaits it on the
+caller's event loop (the budget admissions' routes). Both queue on the one lane and share
+batches. A thread's ticket that comes first leads the next batch in its own thread; a
+coroutine's ticket that comes first has it led by the pipeline's leader thread (one per
+pipeline), and the batch's end wakes each loop's coroutines with one call. So a served
+process decides its batches on that one thread while its event loop reads and answers
+requests, rather than parking a thread-pool thread per waiting request.
+
 Idempotency records store what the HTTP layer made of the first result (`Record`, given
 when the pipeline is built; the CLI's has none and takes no keys): the domain keeps them
 opaque and hands them back as `Replayed`. Two requests with one key in one batch: the
@@ -38,10 +47,13 @@ they had come one after another.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
@@ -103,7 +115,8 @@ class Admission(Generic[R]):
     `decide` gets the locked dataset (None when neither `dataset_id` nor `run_id` is given)
     and returns the typed result or raises a DomainError; it must raise before it changes
     anything. `operation` names it for the metrics (plan, epoch, release), if it is one of
-    the budget admissions.
+    the budget admissions. `refine`, if given, turns its refusal into the one to raise, once
+    the lock is released (work too slow to do under it).
     """
 
     decide: Callable[[Session, Dataset | None], R]
@@ -111,6 +124,7 @@ class Admission(Generic[R]):
     run_id: str | None = None
     idempotency: Idempotency | None = None
     operation: str | None = None
+    refine: Callable[[DomainError], DomainError] | None = None
 
 
 @dataclass(eq=False)  # tickets are compared by identity
@@ -126,6 +140,10 @@ class _Ticket(Generic[R]):
     # Put back once because another process held its dataset: its next batch waits for the lock.
     deferred: bool = False
     taken_at: float = 0.0  # when a batch took it
+    # A coroutine's ticket (`submit_async`): resolved on its event loop; batches led for it run
+    # on the pipeline's leader thread. None for a thread's ticket (`submit`), woken by `ready`.
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[None] | None = None
 
     def outcome(self) -> R | Replayed:
         if self.error is not None:
@@ -152,12 +170,56 @@ class Pipeline:
         self._mutex = threading.Lock()
         self._lane = _Lane()
         self._run_datasets: dict[str, str] = {}
+        # Leads the batches of coroutines' tickets (one at a time, as the lane's are).
+        self._leader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-leader")
 
     # -- entry points -------------------------------------------------------------------------
 
     def submit(self, admission: Admission[R]) -> R | Replayed:
         """Decide and commit `admission` (combined with others that arrive with it); its result,
-        or the first answer to its Idempotency-Key; raises its refusal."""
+        or the first answer to its Idempotency-Key; raises its refusal (refined, if asked)."""
+        try:
+            return self._submit(admission)
+        except DomainError as refusal:
+            if admission.refine is None:
+                raise
+            raise admission.refine(refusal) from None
+
+    async def submit_async(self, admission: Admission[R]) -> R | Replayed:
+        """`submit` for a coroutine: it waits on its event loop, not in a thread.
+
+        Its ticket queues on the same lane; a batch it leads runs on the pipeline's leader
+        thread, and the batch's end resolves every coroutine's ticket with one call to its
+        loop. Lookups and refinements that may touch the database run in the loop's default
+        executor.
+        """
+        try:
+            if admission.run_id is not None and admission.dataset_id is None:
+                dataset_id = self._run_datasets.get(admission.run_id)
+                if dataset_id is None:
+                    dataset_id = await asyncio.to_thread(self.dataset_of_run, admission.run_id)
+            else:
+                dataset_id = admission.dataset_id
+            if dataset_id is None:
+                return await asyncio.to_thread(self._alone, admission)
+            loop = asyncio.get_running_loop()
+            ticket: _Ticket[R] = _Ticket(admission, dataset_id, loop=loop)
+            ticket.future = loop.create_future()
+            lane = self._lane
+            with self._mutex:
+                lane.waiting.append(ticket)  # type: ignore[arg-type]
+                leads = not lane.busy
+                lane.busy = True
+            if leads:
+                self._leader.submit(self._lead, lane)
+            await ticket.future  # a caller cancelled meanwhile leaves its ticket to be decided
+            return ticket.outcome()
+        except DomainError as refusal:
+            if admission.refine is None:
+                raise
+            raise await asyncio.to_thread(admission.refine, refusal) from None
+
+    def _submit(self, admission: Admission[R]) -> R | Replayed:
         dataset_id = self._dataset_of(admission)
         if dataset_id is None:
             return self._alone(admission)
@@ -184,9 +246,14 @@ class Pipeline:
 
         The verdict is the one the real call would get now; its refusal is raised.
         """
-        with self.db.rehearsal() as session:
-            dataset = self._lock(session, admission)
-            return admission.decide(session, dataset)
+        try:
+            with self.db.rehearsal() as session:
+                dataset = self._lock(session, admission)
+                return admission.decide(session, dataset)
+        except DomainError as refusal:
+            if admission.refine is None:
+                raise
+            raise admission.refine(refusal) from None
 
     def dataset_of_run(self, run_id: str) -> str:
         """The dataset a run belongs to (NotFound if there is no such run); remembered."""
@@ -243,20 +310,24 @@ class Pipeline:
             metrics.BATCH_SIZE.observe(len(finished))
             for ticket in finished:
                 metrics.BATCH_WAIT.observe(ticket.taken_at - ticket.queued_at)
+            drain = False
             with self._mutex:
                 for ticket in finished:
                     ticket.done = True
                 for ticket in deferred:
                     ticket.deferred = True
                 lane.waiting[:0] = deferred  # first in line again, in their order
-                if lane.waiting:
+                if not lane.waiting:
+                    lane.busy = False
+                elif lane.waiting[0].loop is None:  # a thread waits for it: that thread leads
                     successor = lane.waiting[0]
                     successor.leads = True
                     successor.ready.set()
-                else:
-                    lane.busy = False
-            for ticket in finished:
-                ticket.ready.set()
+                else:  # a coroutine's: the leader thread leads, once this batch has returned
+                    drain = True
+            if drain:
+                self._leader.submit(self._lead, lane)
+            _wake(finished)
 
     def _one_by_one(self, batch: list[_Ticket[object]]) -> None:
         for ticket in batch:
@@ -432,6 +503,25 @@ class _Undecided(Exception):
     def __init__(self, ticket: _Ticket[object], error: Exception) -> None:
         super().__init__(str(error))
         self.ticket, self.error = ticket, error
+
+
+def _wake(tickets: list[_Ticket[object]]) -> None:
+    """Wake the owners of finished tickets: threads at once, coroutines with one call per loop."""
+    loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for ticket in tickets:
+        if ticket.loop is None:
+            ticket.ready.set()
+        elif ticket.future is not None:
+            loops.setdefault(ticket.loop, []).append(ticket.future)
+    for loop, futures in loops.items():
+        with suppress(RuntimeError):  # a closed loop: nobody awaits these any more
+            loop.call_soon_threadsafe(_resolve, futures)
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def _count(tally: list[tuple[str | None, str]]) -> None:

@@ -31,7 +31,7 @@ from service.domain.budget import Budget, Cost
 from service.domain.datasets import DatasetView, view
 from service.domain.errors import InvalidRequest
 from service.domain.keys import Principal
-from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
+from service.domain.pipeline import Admission, Idempotency, Pipeline
 from service.domain.runs import new_id, refusal
 from service.storage.database import stage
 from service.storage.models import Dataset, Release
@@ -286,33 +286,23 @@ def noise_details(calibrated: Calibrated) -> dict[str, Any] | None:
     }
 
 
-def create(
-    pipeline: Pipeline,
+def rehearse(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ReleaseSpec
+) -> ReleaseResult:
+    """What `release` would charge now, without charging (no noise drawn); raises its refusal."""
+    return pipeline.rehearse(release(principal, dataset_id, spec, None, noised=False))
+
+
+def release(
     principal: Principal,
     dataset_id: str,
     spec: ReleaseSpec,
     idempotency: Idempotency | None = None,
-) -> ReleaseResult | Replayed:
-    """Charge one release, or a batch of K, if the filter admits it; add the noise when values
-    are given."""
-    return pipeline.submit(_admission(principal, dataset_id, spec, idempotency, noised=True))
-
-
-def rehearse(
-    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: ReleaseSpec
-) -> ReleaseResult:
-    """What `create` would charge now, without charging (no noise drawn); raises its refusal."""
-    return pipeline.rehearse(_admission(principal, dataset_id, spec, None, noised=False))
-
-
-def _admission(
-    principal: Principal,
-    dataset_id: str,
-    spec: ReleaseSpec,
-    idempotency: Idempotency | None,
     *,
-    noised: bool,
+    noised: bool = True,
 ) -> Admission[ReleaseResult]:
+    """Charge one release, or a batch of K, if the filter admits it; with values given, they
+    are noised here, before the lock (CPU work proportional to them)."""
     principal.require("trainer")
     principal.require_dataset(dataset_id)
     noised_values: list[float] | None = None

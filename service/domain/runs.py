@@ -30,13 +30,14 @@ from service.domain.datasets import DatasetView, refresh, view
 from service.domain.errors import (
     BudgetExhausted,
     DatasetFrozen,
+    DomainError,
     InvalidRequest,
     NotFound,
     RunNotActive,
 )
 from service.domain.keys import Principal
 from service.domain.memo import memoised
-from service.domain.pipeline import Admission, Idempotency, Pipeline, Replayed
+from service.domain.pipeline import Admission, Idempotency, Pipeline
 from service.storage.database import Database
 from service.storage.models import Dataset, Run
 
@@ -313,37 +314,29 @@ def plan_refusal(budget: Budget, dataset: Dataset, spec: RunSpec, cost: Cost) ->
     return PlanRefused(refused, fit)
 
 
-def create(
+def rehearse_plan(
+    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: RunSpec
+) -> Planned:
+    """What `plan` would hold now, without holding it; raises its refusal."""
+    return pipeline.rehearse(plan(pipeline, principal, dataset_id, spec, None))
+
+
+def _fitting(refusal: DomainError) -> DomainError:
+    """A refused plan's refusal, completed once the lock is released (its fitting σ)."""
+    return refusal.with_fitting_sigma() if isinstance(refusal, PlanRefused) else refusal
+
+
+def plan(
     pipeline: Pipeline,
     principal: Principal,
     dataset_id: str,
     spec: RunSpec,
     idempotency: Idempotency | None = None,
-) -> Planned | Replayed:
-    """Plan a run: calibrate, then hold the whole plan if the filter admits it."""
-    try:
-        return pipeline.submit(_plan(pipeline, principal, dataset_id, spec, idempotency))
-    except PlanRefused as refused:
-        raise refused.with_fitting_sigma() from None
-
-
-def rehearse_plan(
-    pipeline: Pipeline, principal: Principal, dataset_id: str, spec: RunSpec
-) -> Planned:
-    """What `create` would hold now, without holding it; raises its refusal."""
-    try:
-        return pipeline.rehearse(_plan(pipeline, principal, dataset_id, spec, None))
-    except PlanRefused as refused:
-        raise refused.with_fitting_sigma() from None
-
-
-def _plan(
-    pipeline: Pipeline,
-    principal: Principal,
-    dataset_id: str,
-    spec: RunSpec,
-    idempotency: Idempotency | None,
 ) -> Admission[Planned]:
+    """Plan a run: calibrate, then hold the whole plan if the filter admits it.
+
+    Reads the dataset's terms and calibrates before the lock (may touch the database).
+    """
     principal.require("trainer")
     terms = _dataset_terms(pipeline.db, principal, dataset_id)
     delta = terms.delta
@@ -418,7 +411,9 @@ def _plan(
         pipeline.remember_run(run.id, dataset.id)  # its epochs then need no lookup
         return Planned(run, view(dataset, budget), entry.effect)
 
-    return Admission(decide, dataset_id=dataset_id, idempotency=idempotency, operation="plan")
+    return Admission(
+        decide, dataset_id=dataset_id, idempotency=idempotency, operation="plan", refine=_fitting
+    )
 
 
 def _run_dataset(pipeline: Pipeline, principal: Principal, run_id: str) -> str:
@@ -445,24 +440,15 @@ def _require_visible(principal: Principal, dataset_id: str | None, run_id: str) 
         raise NotFound(f"run {run_id!r} not found")
 
 
-def reserve_epoch(
-    pipeline: Pipeline,
-    principal: Principal,
-    run_id: str,
-    idempotency: Idempotency | None = None,
-) -> EpochResult | Replayed:
-    """Charge the run's next epoch (from its hold, or beyond the plan if the filter admits it)."""
-    return pipeline.submit(_epoch(principal, run_id, idempotency))
-
-
 def rehearse_epoch(pipeline: Pipeline, principal: Principal, run_id: str) -> EpochResult:
-    """What `reserve_epoch` would charge now, without charging; raises its refusal."""
-    return pipeline.rehearse(_epoch(principal, run_id, None))
+    """What `epoch` would charge now, without charging; raises its refusal."""
+    return pipeline.rehearse(epoch(principal, run_id, None))
 
 
-def _epoch(
-    principal: Principal, run_id: str, idempotency: Idempotency | None
+def epoch(
+    principal: Principal, run_id: str, idempotency: Idempotency | None = None
 ) -> Admission[EpochResult]:
+    """Charge the run's next epoch (from its hold, or beyond the plan if the filter admits it)."""
     principal.require("trainer")
 
     def decide(session: Session, dataset: Dataset | None) -> EpochResult:
@@ -506,12 +492,11 @@ def _epoch(
 
 
 def finish(
-    pipeline: Pipeline,
     principal: Principal,
     run_id: str,
     status: str,
     idempotency: Idempotency | None = None,
-) -> Finished | Replayed:
+) -> Admission[Finished]:
     """Complete or abort a run, releasing what is left of its hold."""
     # No PLD fill here: it would cost every completion a read before the lock for the few
     # fit_remaining runs whose figure is still pending (the next read of the run fills it).
@@ -536,7 +521,7 @@ def finish(
         )
         return Finished(run, view(dataset, budget), entry.effect)
 
-    return pipeline.submit(Admission(decide, run_id=run_id, idempotency=idempotency))
+    return Admission(decide, run_id=run_id, idempotency=idempotency)
 
 
 def get(pipeline: Pipeline, principal: Principal, run_id: str) -> Run:

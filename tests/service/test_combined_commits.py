@@ -24,6 +24,7 @@ they are all decided as the next batch; `ledger_batch_size` shows it was one bat
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service import metrics
+from service.domain.errors import NotFound
 from service.domain.pipeline import Admission, Pipeline
 from service.storage.database import Database
 from service.storage.models import Dataset
@@ -441,6 +443,66 @@ def test_admissions_queued_while_a_batch_awaits_its_lock_join_it(
     assert _batches() == (batches + put_back + 1, admissions + 3)
     charges = [e for e in _assert_consistent(api, database, "turns") if e["kind"] == "charge"]
     assert len(charges) == 3
+
+
+def test_coroutines_and_threads_share_batches(api: Api) -> None:
+    """Coroutines (`submit_async`, as the routes submit) and threads (`submit`) queue on one
+    lane and are decided in the same batches, each getting its own result or refusal; the
+    lead passes between a thread and the pipeline's leader thread both ways; a coroutine
+    cancelled while it waits is still decided, as a thread's request would be."""
+    api.create_dataset("mixed", 10.0)
+    pipeline = _pipeline(api)
+    decided: list[str] = []
+
+    def admission(name: str) -> Admission[str]:
+        def decide(_session: Session, dataset: Dataset | None) -> str:
+            assert dataset is not None and dataset.id == "mixed"
+            decided.append(name)
+            if name.endswith("refused"):
+                raise NotFound(f"{name} is refused")
+            return f"{name} decided"
+
+        return Admission(decide, dataset_id="mixed")
+
+    async def awaited(name: str) -> object:
+        decision = await pipeline.submit_async(admission(name))
+        return decision
+
+    async def together(names: list[str]) -> list[object]:
+        return await asyncio.gather(*(awaited(n) for n in names), return_exceptions=True)
+
+    async def cancelled_while_queued(wait_queued: Callable[[int], None]) -> None:
+        waiting = asyncio.ensure_future(awaited("abandoned"))
+        await asyncio.to_thread(wait_queued, 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    names = [f"coroutine {i}" for i in range(6)] + ["coroutine refused"]
+    batches, admissions = _batches()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with lane_held(pipeline, "mixed") as wait_queued:
+            gathered = pool.submit(asyncio.run, together(names))
+            wait_queued(len(names))
+            threaded = pool.submit(pipeline.submit, admission("thread"))
+            wait_queued(len(names) + 1)
+        results = gathered.result(timeout=DEADLINE)
+        assert threaded.result(timeout=DEADLINE) == "thread decided"
+    assert results[:-1] == [f"{n} decided" for n in names[:-1]]
+    assert isinstance(results[-1], NotFound)
+    assert decided == [*names, "thread"]  # in arrival order, in the batch after the holder's
+    assert _batches() == (batches + 2, admissions + 1 + len(names) + 1)
+
+    # A thread leads, a coroutine follows it (and the leader thread leads for it), and back.
+    with ThreadPoolExecutor(max_workers=1) as pool, lane_held(pipeline, "mixed") as wait_queued:
+        abandoned = pool.submit(asyncio.run, cancelled_while_queued(wait_queued))
+        abandoned.result(timeout=DEADLINE)
+    deadline = time.monotonic() + DEADLINE
+    while "abandoned" not in decided:
+        assert time.monotonic() < deadline, "the cancelled coroutine's admission was dropped"
+        time.sleep(0.005)
+    assert pipeline.submit(admission("after")) == "after decided"
+    assert asyncio.run(awaited("last")) == "last decided"
 
 
 # -- live servers -----------------------------------------------------------------------------

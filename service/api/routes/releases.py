@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api.bodies import parsed_body_route
 from service.api.deps import (
@@ -33,7 +34,7 @@ _BLANKED = ("id", "ledger_seq")
     responses={**problems(401, 403, 404, 409, body=True), **RELEASE_DRY_RUN},
     dependencies=[requires("trainer")],
 )
-def create_release(
+async def create_release(
     dataset_id: str,
     body: ReleaseCreate,
     request: Request,
@@ -56,10 +57,15 @@ def create_release(
             name=body.name,
         )
         if dry_run:
-            return rehearsal(
-                lambda: inference.rehearse(pipeline, principal, dataset_id, query), _BLANKED
+            return await run_in_threadpool(
+                rehearsal,
+                lambda: inference.rehearse(pipeline, principal, dataset_id, query),
+                _BLANKED,
             )
-        return respond(inference.create(pipeline, principal, dataset_id, query, keyed))
+        # The votes are checked before the lock: in the thread pool (their size is the caller's).
+        queries = await run_in_threadpool(inference.queries, principal, dataset_id, query, keyed)
+        answered = await pipeline.submit_async(queries)
+        return respond(answered)
     spec = releases.ReleaseSpec(
         mechanism=body.mechanism,
         sensitivity=body.sensitivity,
@@ -72,5 +78,12 @@ def create_release(
         batch=body.batch,
     )
     if dry_run:
-        return rehearsal(lambda: releases.rehearse(pipeline, principal, dataset_id, spec), _BLANKED)
-    return respond(releases.create(pipeline, principal, dataset_id, spec, keyed))
+        return await run_in_threadpool(
+            rehearsal, lambda: releases.rehearse(pipeline, principal, dataset_id, spec), _BLANKED
+        )
+    if spec.values is None and spec.batch is None:
+        release = releases.release(principal, dataset_id, spec, keyed)
+    else:  # values are noised before the lock: in the thread pool (their size is the caller's)
+        release = await run_in_threadpool(releases.release, principal, dataset_id, spec, keyed)
+    result = await pipeline.submit_async(release)
+    return respond(result)

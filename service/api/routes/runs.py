@@ -6,6 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from service.api import render
 from service.api.deps import (
@@ -45,7 +46,7 @@ REFUSALS = problems(401, 403, 404, 409, 422)
     responses={**problems(401, 403, 404, 409, body=True), **RUN_DRY_RUN},
     dependencies=[requires("trainer")],
 )
-def create_run(
+async def create_run(
     dataset_id: str,
     body: RunCreate,
     request: Request,
@@ -70,9 +71,14 @@ def create_run(
         fit_remaining=bool(body.fit_remaining),
     )
     if dry_run:
-        return rehearsal(lambda: runs.rehearse_plan(pipeline, principal, dataset_id, spec), ("id",))
+        return await run_in_threadpool(
+            rehearsal, lambda: runs.rehearse_plan(pipeline, principal, dataset_id, spec), ("id",)
+        )
     keyed = idempotency(request, principal, idempotency_key, body)
-    return respond(runs.create(pipeline, principal, dataset_id, spec, keyed))
+    # Reads the dataset's terms and calibrates before the lock: in the thread pool.
+    plan = await run_in_threadpool(runs.plan, pipeline, principal, dataset_id, spec, keyed)
+    result = await pipeline.submit_async(plan)
+    return respond(result)
 
 
 @router.get(
@@ -111,7 +117,7 @@ def get_run(run_id: str, pipeline: PipelineDep, principal: CurrentKey) -> RunPub
     operation_id="reserve_epoch",
     responses={**REFUSALS, **EPOCH_DRY_RUN},
 )
-def reserve_epoch(
+async def reserve_epoch(
     run_id: str,
     request: Request,
     pipeline: PipelineDep,
@@ -121,12 +127,15 @@ def reserve_epoch(
 ) -> Response:
     """Charge the next epoch and get the σ to use; renews the run's lease."""
     if dry_run:
-        return rehearsal(lambda: runs.rehearse_epoch(pipeline, principal, run_id), ("ledger_seq",))
+        return await run_in_threadpool(
+            rehearsal, lambda: runs.rehearse_epoch(pipeline, principal, run_id), ("ledger_seq",)
+        )
     keyed = idempotency(request, principal, idempotency_key, None)
-    return respond(runs.reserve_epoch(pipeline, principal, run_id, keyed))
+    result = await pipeline.submit_async(runs.epoch(principal, run_id, keyed))
+    return respond(result)
 
 
-def _finish(
+async def _finish(
     status: str,
     run_id: str,
     request: Request,
@@ -135,7 +144,8 @@ def _finish(
     key: str | None,
 ) -> Response:
     scope = idempotency(request, principal, key, None)
-    return respond(runs.finish(pipeline, principal, run_id, status, scope))
+    result = await pipeline.submit_async(runs.finish(principal, run_id, status, scope))
+    return respond(result)
 
 
 @router.post(
@@ -144,7 +154,7 @@ def _finish(
     operation_id="complete_run",
     responses=REFUSALS,
 )
-def complete_run(
+async def complete_run(
     run_id: str,
     request: Request,
     pipeline: PipelineDep,
@@ -152,7 +162,7 @@ def complete_run(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Finish a run normally; what is left of its hold is released."""
-    return _finish("completed", run_id, request, pipeline, principal, idempotency_key)
+    return await _finish("completed", run_id, request, pipeline, principal, idempotency_key)
 
 
 @router.post(
@@ -161,7 +171,7 @@ def complete_run(
     operation_id="abort_run",
     responses=REFUSALS,
 )
-def abort_run(
+async def abort_run(
     run_id: str,
     request: Request,
     pipeline: PipelineDep,
@@ -169,4 +179,4 @@ def abort_run(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Stop a run early; spent epochs stay spent, the rest of the hold is released."""
-    return _finish("aborted", run_id, request, pipeline, principal, idempotency_key)
+    return await _finish("aborted", run_id, request, pipeline, principal, idempotency_key)
