@@ -2,7 +2,7 @@
 
 Under load an admission spent about as much of its worker's CPU in FastAPI's per-request
 machinery — route matching over every router, dependency solving, parameter validation,
-three more middleware layers — as in its locked batch (docs/benchmarks.md, "The admission
+the exception and exit-stack middleware — as in its locked batch (docs/benchmarks.md, "The admission
 lane"). Most of that work is the same every time: a
 trainer's key from the process's cache, a path with an id, no query, a small JSON body. This
 ASGI layer, just inside the request guard and the request context, serves those requests
