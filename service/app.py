@@ -8,12 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import secret_key
 from service.api import errors, openapi, render
 from service.api.errors import problem
-from service.api.lane import AdmissionLane
+from service.api.lane import AdmissionLane, replaying
 from service.api.routes import accountant, datasets, health, keys, ledger, releases, runs
 from service.domain.keys import KeyCache
 from service.domain.pipeline import Pipeline
@@ -92,16 +92,7 @@ class RequestGuard:
                     return
                 if not message.get("more_body", False):
                     break
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-            await self.app(scope, replay, send)
+            await self.app(scope, replaying(bytes(body), receive), send)
             return
         await self.app(scope, receive, send)
 

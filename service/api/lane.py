@@ -132,7 +132,7 @@ class AdmissionLane:
             await self._serve(candidate, match.groupdict(), scope, receive, send)
         except _Pass as passed:
             metrics.LANE.labels("passed").inc()
-            await self.app(scope, _replaying(passed.body, receive), send)
+            await self.app(scope, replaying(passed.body, receive), send)
             return
         metrics.LANE.labels("served").inc()
 
@@ -219,8 +219,9 @@ def _headers(scope: Scope) -> tuple[str | None, str | None]:
     return token, key
 
 
-def _replaying(body: bytes | None, receive: Receive) -> Receive:
-    """`receive` with the body the lane already read (if it read one) given back first."""
+def replaying(body: bytes | None, receive: Receive) -> Receive:
+    """`receive` with a body already read from it (if one was) given back first: the lane's,
+    and the request guard's for a chunked body it measured."""
     if body is None:
         return receive
     replayed = False

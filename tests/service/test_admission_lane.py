@@ -33,6 +33,7 @@ RELEASE = {"mechanism": "gaussian", "sensitivity": 1.0, "epsilon": 0.1, "delta":
 VARYING = {"id", "run_id", "created_at", "updated_at", "lease_expires_at", "expires_at", "at"}
 _ID = re.compile(r"\b(run|rel|key)_?[0-9a-f]{12,}\b")
 JSON = {"Content-Type": "application/json"}
+CHUNKS = (b'{"mechanism": "laplace", ', b'"sensitivity": 1.0, "epsilon": 0.1}')
 READ_HEADERS = ("content-type", "idempotent-replayed", "www-authenticate", "allow")
 
 
@@ -128,6 +129,11 @@ def _script() -> list[Step]:
             as_key("trainer", release(None, content=b"{", headers=JSON)),
             "passed",
         ),
+        (  # no Content-Length: the request guard reads the body and replays it to the lane
+            "release, chunked",
+            as_key("trainer", release(None, content=iter(CHUNKS), headers=JSON)),
+            "served",
+        ),
         ("complete", as_key("trainer", on_run("complete")), "served"),
         ("complete again", as_key("trainer", on_run("complete")), "served"),
         ("epoch, completed run", as_key("trainer", on_run("epochs")), "served"),
@@ -175,6 +181,7 @@ def test_the_lane_answers_as_the_framework_does(apps: dict[str, TestClient]) -> 
     statuses = {a[0]: a[1] for a in with_lane}
     # The script reaches what it means to: admitted, replayed, refused at each layer.
     assert statuses["plan"] == statuses["epoch"] == statuses["release"] == 201
+    assert statuses["release, chunked"] == 201
     assert statuses["plan, key reused"] == statuses["plan, invalid"] == 422
     assert statuses["plan, not an object"] == statuses["release, invalid"] == 422
     assert statuses["release, not json"] == 400
