@@ -307,7 +307,8 @@ class Pipeline:
                 _fail(ticket, exc)
         finally:
             finished = [t for t in batch if t not in deferred]
-            metrics.BATCH_SIZE.observe(len(finished))
+            if finished:  # not a batch whose datasets were all held elsewhere: it decided none
+                metrics.BATCH_SIZE.observe(len(finished))
             for ticket in finished:
                 metrics.BATCH_WAIT.observe(ticket.taken_at - ticket.queued_at)
             drain = False
