@@ -1,17 +1,17 @@
 """The admission lane: the hot write routes' common case, without FastAPI's request machinery.
 
 Under load an admission spent about as much of its worker's CPU in FastAPI's per-request
-machinery — route matching over every router, dependency solving, parameter validation,
-the exception and exit-stack middleware — as in its locked batch (docs/benchmarks.md, "The admission
-lane"). Most of that work is the same every time: a
-trainer's key from the process's cache, a path with an id, no query, a small JSON body. This
-ASGI layer, just inside the request guard and the request context, serves those requests
-itself and hands every other one to FastAPI as it came:
+machinery — route matching over every router, dependency solving, parameter validation, the
+exception and exit-stack middleware — as in its locked batch (docs/benchmarks.md, "The
+admission lane"). Most of that work is the same every time: a trainer's key from the
+process's cache, a path with an id, no query, a small JSON body. This ASGI layer, just inside
+the request guard and the request context, serves those requests itself and hands every
+other one to FastAPI as it came:
 
 - It serves only the routes named in `LANE_OPERATIONS`, and awaits each route's own endpoint
   with the arguments FastAPI would have given it (path ids, the body as the route's model,
-  the caller, the Idempotency-Key, `dry_run=False`). The routes
-  stay the one place their logic lives, and the OpenAPI document is FastAPI's.
+  the caller, the Idempotency-Key, `dry_run=False`). The routes stay the one place their
+  logic lives, and the OpenAPI document is FastAPI's.
 - The caller is found as FastAPI's dependency finds it (`deps.principal_of`), and a route's
   role requirement (`deps.Requires`) is checked as its dependency would: a missing, unknown
   or revoked key is the same 401, a key of the wrong role the same 403, both raised before

@@ -51,9 +51,9 @@ import asyncio
 import hmac
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
@@ -140,9 +140,9 @@ class _Ticket(Generic[R]):
     # Put back once because another process held its dataset: its next batch waits for the lock.
     deferred: bool = False
     taken_at: float = 0.0  # when a batch took it
-    # A coroutine's ticket (`submit_async`): resolved on its event loop; batches led for it run
-    # on the pipeline's leader thread. None for a thread's ticket (`submit`), woken by `ready`.
-    loop: asyncio.AbstractEventLoop | None = None
+    # A coroutine's ticket (`submit_async`): resolved on its future's event loop; batches led
+    # for it run on the pipeline's leader thread. None for a thread's ticket (`submit`), woken
+    # by `ready`.
     future: asyncio.Future[None] | None = None
 
     def outcome(self) -> R | Replayed:
@@ -178,12 +178,8 @@ class Pipeline:
     def submit(self, admission: Admission[R]) -> R | Replayed:
         """Decide and commit `admission` (combined with others that arrive with it); its result,
         or the first answer to its Idempotency-Key; raises its refusal (refined, if asked)."""
-        try:
+        with _refined(admission):
             return self._submit(admission)
-        except DomainError as refusal:
-            if admission.refine is None:
-                raise
-            raise admission.refine(refusal) from None
 
     async def submit_async(self, admission: Admission[R]) -> R | Replayed:
         """`submit` for a coroutine: it waits on its event loop, not in a thread.
@@ -202,9 +198,8 @@ class Pipeline:
                 dataset_id = admission.dataset_id
             if dataset_id is None:
                 return await asyncio.to_thread(self._alone, admission)
-            loop = asyncio.get_running_loop()
-            ticket: _Ticket[R] = _Ticket(admission, dataset_id, loop=loop)
-            ticket.future = loop.create_future()
+            future = asyncio.get_running_loop().create_future()
+            ticket: _Ticket[R] = _Ticket(admission, dataset_id, future=future)
             lane = self._lane
             with self._mutex:
                 lane.waiting.append(ticket)  # type: ignore[arg-type]
@@ -212,7 +207,7 @@ class Pipeline:
                 lane.busy = True
             if leads:
                 self._leader.submit(self._lead, lane)
-            await ticket.future  # a caller cancelled meanwhile leaves its ticket to be decided
+            await future  # a caller cancelled meanwhile leaves its ticket to be decided
             return ticket.outcome()
         except DomainError as refusal:
             if admission.refine is None:
@@ -246,14 +241,9 @@ class Pipeline:
 
         The verdict is the one the real call would get now; its refusal is raised.
         """
-        try:
-            with self.db.rehearsal() as session:
-                dataset = self._lock(session, admission)
-                return admission.decide(session, dataset)
-        except DomainError as refusal:
-            if admission.refine is None:
-                raise
-            raise admission.refine(refusal) from None
+        with _refined(admission), self.db.rehearsal() as session:
+            dataset = self._lock(session, admission)
+            return admission.decide(session, dataset)
 
     def dataset_of_run(self, run_id: str) -> str:
         """The dataset a run belongs to (NotFound if there is no such run); remembered."""
@@ -320,7 +310,7 @@ class Pipeline:
                 lane.waiting[:0] = deferred  # first in line again, in their order
                 if not lane.waiting:
                     lane.busy = False
-                elif lane.waiting[0].loop is None:  # a thread waits for it: that thread leads
+                elif lane.waiting[0].future is None:  # a thread waits for it: that thread leads
                     successor = lane.waiting[0]
                     successor.leads = True
                     successor.ready.set()
@@ -506,14 +496,25 @@ class _Undecided(Exception):
         self.ticket, self.error = ticket, error
 
 
+@contextmanager
+def _refined(admission: Admission[Any]) -> Iterator[None]:
+    """Raise a refusal from the block as the admission refines it (`Admission.refine`)."""
+    try:
+        yield
+    except DomainError as refusal:
+        if admission.refine is None:
+            raise
+        raise admission.refine(refusal) from None
+
+
 def _wake(tickets: list[_Ticket[object]]) -> None:
     """Wake the owners of finished tickets: threads at once, coroutines with one call per loop."""
     loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for ticket in tickets:
-        if ticket.loop is None:
+        if ticket.future is None:
             ticket.ready.set()
-        elif ticket.future is not None:
-            loops.setdefault(ticket.loop, []).append(ticket.future)
+        else:
+            loops.setdefault(ticket.future.get_loop(), []).append(ticket.future)
     for loop, futures in loops.items():
         with suppress(RuntimeError):  # a closed loop: nobody awaits these any more
             loop.call_soon_threadsafe(_resolve, futures)
