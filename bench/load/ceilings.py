@@ -45,7 +45,7 @@ def framework_server(workers: int, workdir: Path) -> AbstractContextManager[Serv
     """`null_app` under uvicorn with `workers` workers, configured as `serve` runs ours."""
     command = [sys.executable, "-m", "uvicorn", "bench.load.ceilings:null_app", "--factory"]
     command += ["--host", "127.0.0.1", "--workers", str(workers), "--no-access-log"]
-    return serving(command, dict(os.environ), workdir / f"null-{workers}.log")
+    return serving(command, dict(os.environ), workdir / f"null-{workers}.log", workers)
 
 
 def pgbench_tps(admin_url: str, clients: int, duration: float, workdir: Path) -> float:
