@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from fractions import Fraction
 from itertools import count
 
@@ -34,7 +34,7 @@ def _chi_square(samples: list[int], pmf: dict[int, float]) -> float:
     often = [value for value, probability in pmf.items() if probability * n >= 5]
     lo, hi = min(often), max(often)
     observed = Counter(min(max(value, lo), hi) for value in samples)
-    expected = Counter[int]()
+    expected: defaultdict[int, float] = defaultdict(float)
     for value, probability in pmf.items():
         expected[min(max(value, lo), hi)] += probability * n
     past = (1.0 - sum(pmf.values())) / 2 * n
