@@ -20,8 +20,10 @@ Rows of the append-only tables (releases, ledger entries, idempotency records)
 are staged (`stage`, `stage_row`) and written when the transaction commits, one
 multi-row INSERT per table (`write_staged`), without the ORM's unit of work; so
 are the hot path's updates of rows the transaction loaded (`stage_update`: an
-epoch's run), one executemany per table. On PostgreSQL they all go in one round
-trip (psycopg's pipeline mode). Read transactions are
+epoch's run; and the locked dataset rows, whose changes made through the ORM are
+turned into staged updates when the transaction writes), one executemany per
+table. On PostgreSQL they all go in one round trip (psycopg's pipeline mode), and
+the commit flushes nothing more. Read transactions are
 REPEATABLE READ, so a read of several statements (a dataset and its entries,
 when verifying) sees one snapshot, as a SQLite read transaction does.
 
@@ -224,6 +226,7 @@ def write_staged(session: Session) -> None:
     after any new row the ORM adds (a new dataset's first entry names it). On PostgreSQL the
     staged statements go in one round trip (psycopg's pipeline mode), with the new rows too
     when the ORM adds none (an epoch, a release): they are written under the datasets' locks."""
+    _stage_dirty_datasets(session)
     updates = session.info.pop(_UPDATES, None)
     staged: dict[str, list[dict[str, Any]]] | None = session.info.pop(_STAGED, None)
     if not updates and not staged:
@@ -241,6 +244,24 @@ def write_staged(session: Session) -> None:
         session.flush()
         with _pipelined(connection):
             _insert_staged(connection, staged)
+
+
+def _stage_dirty_datasets(session: Session) -> None:
+    """Turn the changes the transaction made to dataset rows through the ORM (an admission's
+    new last seq and hash, its curves) into staged updates (`stage_update`), so they go in
+    the pipelined round trip with the staged rows rather than in a flush of their own at the
+    commit. Dataset rows have plain columns only (no version counter, no onupdate)."""
+    for row in session.dirty:
+        if type(row) is not Dataset:
+            continue
+        state = inspect(row)
+        changed = {}
+        for attribute in state.mapper.column_attrs:
+            added = state.attrs[attribute.key].history.added
+            if added:
+                changed[attribute.key] = added[0]
+        if changed:
+            stage_update(session, row, **changed)
 
 
 def _insert_staged(connection: Connection, staged: dict[str, list[dict[str, Any]]]) -> None:
